@@ -1,0 +1,1 @@
+"""Cohort manifests and patient-level splits."""

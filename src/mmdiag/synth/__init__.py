@@ -1,0 +1,1 @@
+"""Seeded synthetic demo cohort written in the formats real instruments produce."""
