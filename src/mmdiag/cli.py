@@ -1,0 +1,229 @@
+"""The ``mmdiag`` command line: one sub-command per pipeline stage.
+
+Every Snakemake rule calls one of these commands, so every stage also runs by hand. Settings
+come from the YAML config files (``--config``, validated against ``config/schema.yaml``) or,
+when Snakemake calls, from ``--settings-json``: the already validated section(s) the stage needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="mmdiag",
+    help="Multi-modal, multi-scale medical image diagnosis: one command per pipeline stage.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("mmdiag")
+
+ConfigFiles = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file(s), merged in order (default: config/config.yaml and "
+        "config/methods/*.yaml in the current folder).",
+    ),
+]
+SettingsJson = Annotated[
+    str | None,
+    typer.Option(help="Validated settings as JSON (how Snakemake passes them); replaces --config."),
+]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _settings(config_files: list[Path] | None, settings_json: str | None) -> dict:
+    """The validated configuration, from JSON (Snakemake) or from YAML files (by hand)."""
+    from mmdiag.config import load_config
+
+    if settings_json:
+        return json.loads(settings_json)
+    if not config_files:
+        config_files = [Path("config/config.yaml"), *sorted(Path("config/methods").glob("*.yaml"))]
+    return load_config(config_files)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg="red")
+    raise typer.Exit(code=1)
+
+
+@app.callback()
+def main() -> None:
+    """Each sub-command is one stage of the Snakemake workflow and also runs by hand."""
+    _setup_logging()
+
+
+@app.command("check-config")
+def check_config(config: ConfigFiles = None) -> None:
+    """Validate config files against the schema and print the resolved configuration."""
+    import yaml
+
+    from mmdiag.config import ConfigError
+
+    try:
+        resolved = _settings(config, None)
+    except ConfigError as error:
+        _fail(str(error))
+    typer.echo(yaml.safe_dump(resolved, sort_keys=False))
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder to create (the cohort root).")],
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Write the seeded synthetic demo cohort (WSI, OM, IM, TEM, CT, genes, clinical table)."""
+    from mmdiag.synth import write_synthetic_cohort
+
+    settings = _settings(config, settings_json)["synth"]
+    write_synthetic_cohort(out, settings, progress=progress)
+
+
+@app.command()
+def manifest(
+    out: Annotated[Path, typer.Option(help="Manifest TSV to write.")],
+    root: Annotated[
+        Path | None, typer.Option(help="Cohort folder (clinical.tsv, images.tsv).")
+    ] = None,
+    user_manifest: Annotated[
+        Path | None, typer.Option("--manifest", help="A manifest TSV of your own instead.")
+    ] = None,
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """Validate a cohort and write its manifest: one row per image with checksum and labels."""
+    from mmdiag.data.manifest import ManifestError, ManifestRules, build_manifest, write_manifest
+
+    if (root is None) == (user_manifest is None):
+        _fail("give exactly one of --root and --manifest")
+    rules_settings = _settings(config, settings_json)["manifest"]
+    rules = ManifestRules(
+        classes=tuple(rules_settings["classes"]),
+        stages=tuple(rules_settings["stages"]),
+        required_modalities=tuple(rules_settings["required_modalities"]),
+        min_image_px=dict(rules_settings["min_image_px"]),
+    )
+    try:
+        frame = build_manifest(
+            cohort_root=root, manifest_tsv=user_manifest, rules=rules, progress=True
+        )
+    except ManifestError as error:
+        _fail(str(error))
+    write_manifest(frame, out)
+    log.info(
+        "manifest %s: %d patients, %d images (%s)",
+        out,
+        frame["patient_id"].nunique(),
+        len(frame),
+        ", ".join(f"{m} {n}" for m, n in frame["modality"].value_counts().sort_index().items()),
+    )
+
+
+@app.command()
+def splits(
+    manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
+    scheme: Annotated[str, typer.Option(help="Name of a scheme under splits.schemes.")],
+    out: Annotated[Path, typer.Option(help="Split JSON to write.")],
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """Write patient-level splits (stratified k-fold, holdout or repeated holdout) as JSON."""
+    from mmdiag.data.manifest import read_manifest
+    from mmdiag.data.splits import make_splits, write_splits
+
+    split_settings = _settings(config, settings_json)["splits"]
+    if scheme not in split_settings["schemes"]:
+        _fail(f"unknown split scheme {scheme!r}; allowed: {sorted(split_settings['schemes'])}")
+    try:
+        result = make_splits(
+            read_manifest(manifest_path),
+            scheme,
+            split_settings["schemes"][scheme],
+            seed=split_settings["seed"],
+        )
+    except ValueError as error:
+        _fail(f"{manifest_path}: {error}")
+    write_splits(result, out)
+    sizes = [f"{len(f['train'])}/{len(f['val'])}/{len(f['test'])}" for f in result["folds"]]
+    log.info("splits %s: %d folds (train/val/test %s)", out, len(sizes), ", ".join(sizes))
+
+
+@app.command()
+def train(
+    method: Annotated[str, typer.Option(help="Method name (a key of methods).")],
+    variant: Annotated[str, typer.Option(help="Variant (a row of the method's tables).")],
+    fold: Annotated[int, typer.Option(help="Fold index in the split file.")],
+    manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
+    splits_path: Annotated[Path, typer.Option("--splits", help="Split JSON.")],
+    out: Annotated[Path, typer.Option(help="Fold output folder.")],
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """Train one variant on one fold; write checkpoint, predictions, metrics, log and config."""
+    import torch
+
+    settings = _settings(config, settings_json)
+    if method not in settings["methods"]:
+        _fail(f"unknown method {method!r}; configured: {sorted(settings['methods'])}")
+    method_settings = settings["methods"][method]
+    if variant not in method_settings["variants"]:
+        _fail(f"unknown variant {variant!r}; configured: {sorted(method_settings['variants'])}")
+    threads = threads or method_settings["train"].get("num_threads", 0)
+    if threads:
+        torch.set_num_threads(threads)
+    if method != "cmus":
+        _fail(f"method {method!r} has no trainer yet")
+    from mmdiag.training.cmus_fold import run_cmus_fold
+
+    run_cmus_fold(
+        manifest_path=manifest_path,
+        splits_path=splits_path,
+        fold=fold,
+        variant=variant,
+        method_settings=method_settings,
+        manifest_rules=settings["manifest"],
+        out_dir=out,
+        method=method,
+    )
+
+
+@app.command()
+def aggregate(
+    metrics: Annotated[list[Path], typer.Argument(help="Per-fold metrics.tsv files.")],
+    out: Annotated[Path, typer.Option(help="fold_all.tsv to write.")],
+) -> None:
+    """Collect per-fold metrics into one long table: method, variant, fold, metric, value."""
+    from mmdiag.evaluation import aggregate_fold_metrics
+    from mmdiag.io import write_tsv
+
+    try:
+        table = aggregate_fold_metrics(metrics)
+    except ValueError as error:
+        _fail(str(error))
+    write_tsv(table, out)
+    means = table.groupby(["variant", "metric"])["value"].agg(["mean", "std"])
+    log.info("%s: %d rows\n%s", out, len(table), means.round(4).to_string())
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,157 @@
+"""Configuration: loading, merging, validation against ``config/schema.yaml`` and defaults.
+
+Snakemake and the command line share this code, so a bad key is reported the same way
+everywhere: with its dotted path, the value found and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+SCHEMA_CANDIDATES = (
+    PACKAGE_ROOT.parents[1] / "config" / "schema.yaml",  # source checkout / editable install
+    PACKAGE_ROOT / "schema.yaml",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that does not satisfy the schema; the message lists every problem."""
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    """Return the configuration JSON schema (``config/schema.yaml``)."""
+    for candidate in SCHEMA_CANDIDATES:
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text())
+    raise FileNotFoundError(f"config schema not found in {[str(p) for p in SCHEMA_CANDIDATES]}")
+
+
+def deep_merge(base: Mapping, override: Mapping) -> dict:
+    """Return ``base`` updated recursively by ``override`` (the same rule as Snakemake's)."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(paths: Iterable[str | Path]) -> dict:
+    """Read and merge YAML config files in order, then validate and fill defaults."""
+    config: dict = {}
+    for path in paths:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from error
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(
+                f"config file {path} must hold a mapping, not {type(loaded).__name__}"
+            )
+        config = deep_merge(config, loaded)
+    return validate_config(config)
+
+
+def validate_config(config: Mapping, *, source: str = "config") -> dict:
+    """Validate ``config`` against the schema, fill defaults and check cross-references.
+
+    Returns a new dictionary; raises :class:`ConfigError` listing every problem.
+    """
+    schema = load_schema()
+    config = copy.deepcopy(dict(config))
+    _fill_defaults(config, schema, schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [_describe(error) for error in validator.iter_errors(config)]
+    if not problems:
+        problems = list(_cross_reference_problems(config))
+    if problems:
+        listing = "\n".join(f"  - {problem}" for problem in sorted(set(problems)))
+        raise ConfigError(f"invalid {source}:\n{listing}")
+    return config
+
+
+def _resolve(node: Mapping, schema: Mapping) -> Mapping:
+    ref = node.get("$ref")
+    if ref:
+        target: Any = schema
+        for part in ref.removeprefix("#/").split("/"):
+            target = target[part]
+        return target
+    return node
+
+
+def _fill_defaults(instance: Any, node: Mapping, schema: Mapping) -> None:
+    """Insert schema defaults for absent keys, recursing into objects."""
+    node = _resolve(node, schema)
+    if not isinstance(instance, dict) or node.get("type") not in ("object", None):
+        return
+    for key, child in node.get("properties", {}).items():
+        child = _resolve(child, schema)
+        if key not in instance and "default" in child:
+            instance[key] = copy.deepcopy(child["default"])
+        if key in instance:
+            _fill_defaults(instance[key], child, schema)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, Mapping):
+        for key, value in instance.items():
+            if key not in node.get("properties", {}):
+                _fill_defaults(value, extra, schema)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """Turn a jsonschema error into one line that names the key and the allowed values."""
+    key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+    validator = error.validator
+    if validator == "enum":
+        return f"{key}: {error.instance!r} is not allowed; allowed values: {error.validator_value}"
+    if validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        where = f"{key}: " if error.absolute_path else ""
+        return f"{where}unknown key(s) {unknown}; allowed keys: {allowed}"
+    if validator == "required":
+        return f"{key}: {error.message}"
+    if validator == "type":
+        return f"{key}: {error.instance!r} has the wrong type; expected {error.validator_value}"
+    if validator == "propertyNames":
+        return f"{key}: {error.message}"
+    return f"{key}: {error.message}"
+
+
+def _cross_reference_problems(config: Mapping) -> Iterable[str]:
+    """Names that must refer to other sections: cohorts, split schemes, reference variants."""
+    cohorts = config.get("cohorts", {})
+    schemes = config.get("splits", {}).get("schemes", {})
+    for name, cohort in cohorts.items():
+        if not cohort.get("synthetic") and not (cohort.get("root") or cohort.get("manifest")):
+            yield f"cohorts.{name}: give `root` (cohort folder) or `manifest` (TSV), or set synthetic"
+        if cohort.get("root") and cohort.get("manifest"):
+            yield f"cohorts.{name}: give either `root` or `manifest`, not both"
+    for method, settings in config.get("methods", {}).items():
+        if settings["cohort"] not in cohorts:
+            yield (
+                f"methods.{method}.cohort: {settings['cohort']!r} is not a cohort; "
+                f"allowed values: {sorted(cohorts)}"
+            )
+        if settings["split"] not in schemes:
+            yield (
+                f"methods.{method}.split: {settings['split']!r} is not a split scheme; "
+                f"allowed values: {sorted(schemes)}"
+            )
+        variants = settings.get("variants", {})
+        if settings.get("reference") not in variants:
+            yield (
+                f"methods.{method}.reference: {settings.get('reference')!r} is not a variant; "
+                f"allowed values: {sorted(variants)}"
+            )

@@ -1,0 +1,466 @@
+"""The cohort manifest: one validated row per image, with its checksum, size and labels.
+
+A cohort is given in one of two ways.
+
+1. A cohort folder::
+
+       root/
+         clinical.tsv    columns: patient_id, disease, mn_stage (empty when not applicable),
+                         survival_months, event
+         images.tsv      columns: patient_id, modality (OM|IM|TEM|WSI|CT), path (relative to
+                         root, or absolute)
+         ...             image files anywhere under root: OM/IM as JPEG/PNG/TIFF (RGB), TEM as
+                         8-bit grayscale TIFF, WSI as .svs/.tif/.ndpi/... (OpenSlide), CT as
+                         .nii/.nii.gz (nibabel) or a DICOM series folder / .dcm (pydicom)
+
+   ``clinical.tsv`` must have ``patient_id`` and ``disease``; ``mn_stage``,
+   ``survival_months`` and ``event`` may be left out (read as empty). ``images.tsv`` must have
+   ``patient_id``, ``modality`` and ``path``.
+
+2. A user manifest TSV with columns ``patient_id, modality, path, disease`` and optionally
+   ``mn_stage, survival_months, event``: one row per image, the labels repeated on every row
+   of a patient (they must agree within a patient). Relative paths are taken relative to the
+   folder holding the manifest TSV.
+
+Modality ``MR`` is accepted beside the five above and read like ``CT``.
+
+:func:`build_manifest` validates everything it can before it hashes or opens any image, and
+stops at the first kind of problem with a :class:`ManifestError` that lists every instance of
+that kind (up to :data:`MAX_LISTED`), naming the file, the row or patient, and the problem.
+
+The manifest columns, in order, are :data:`MANIFEST_COLUMNS`; rows are sorted by
+``patient_id, modality, path``; ``path`` is absolute and resolved; ``image_id`` is the file
+stem (``ct.nii.gz`` -> ``ct``) and unique in the cohort; ``sha256`` of a DICOM series folder
+is the SHA-256 of its sorted ``<name> <sha256>`` lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mmdiag.data.images import ImageReadError, image_stem, read_image_size
+from mmdiag.io.atomic import sha256_file, write_tsv
+
+__all__ = [
+    "CLINICAL_COLUMNS",
+    "IMAGE_COLUMNS",
+    "MANIFEST_COLUMNS",
+    "MODALITIES",
+    "ManifestError",
+    "ManifestRules",
+    "build_manifest",
+    "read_manifest",
+    "write_manifest",
+]
+
+MODALITIES: tuple[str, ...] = ("OM", "IM", "TEM", "WSI", "CT", "MR")
+CLINICAL_COLUMNS: tuple[str, ...] = (
+    "patient_id",
+    "disease",
+    "mn_stage",
+    "survival_months",
+    "event",
+)
+IMAGE_COLUMNS: tuple[str, ...] = ("patient_id", "modality", "path")
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "patient_id",
+    "modality",
+    "image_id",
+    "path",
+    "sha256",
+    "width_px",
+    "height_px",
+    "disease",
+    "mn_stage",
+    "survival_months",
+    "event",
+)
+LABEL_COLUMNS: tuple[str, ...] = ("disease", "mn_stage", "survival_months", "event")
+OPTIONAL_LABEL_COLUMNS: tuple[str, ...] = ("mn_stage", "survival_months", "event")
+#: At most this many instances of one problem are listed in an error message.
+MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class ManifestRules:
+    """What a valid cohort looks like.
+
+    Attributes
+    ----------
+    classes
+        Allowed ``disease`` labels, e.g. ``("IgAN", "MN", "LN")``.
+    stages
+        Allowed non-empty ``mn_stage`` labels, e.g. ``("I", "II", "III")``.
+    required_modalities
+        Every patient needs at least one image of each, e.g. ``("OM", "IM", "TEM")``.
+    min_image_px
+        Per modality, the least allowed ``min(width_px, height_px)`` (CT/MR: in-plane).
+    """
+
+    classes: tuple[str, ...]
+    stages: tuple[str, ...] = ()
+    required_modalities: tuple[str, ...] = ()
+    min_image_px: Mapping[str, int] = field(default_factory=dict)
+
+
+class ManifestError(ValueError):
+    """A cohort description is invalid; the message names the file, where, and what is wrong."""
+
+
+def build_manifest(
+    *,
+    cohort_root: str | os.PathLike | None = None,
+    manifest_tsv: str | os.PathLike | None = None,
+    rules: ManifestRules,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Validate a cohort and return its manifest, one row per image.
+
+    Parameters
+    ----------
+    cohort_root
+        A cohort folder holding ``clinical.tsv`` and ``images.tsv`` (see the module docstring).
+    manifest_tsv
+        A user manifest TSV instead; give exactly one of the two.
+    rules
+        Allowed labels, required modalities and minimum image sizes.
+    progress
+        Show a progress bar while images are hashed and measured.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`MANIFEST_COLUMNS`, sorted by ``patient_id, modality, path``.
+
+    Raises
+    ------
+    ManifestError
+        On the first kind of problem found, listing every instance of it.
+    """
+    if (cohort_root is None) == (manifest_tsv is None):
+        raise ValueError(
+            "build_manifest needs exactly one of cohort_root and manifest_tsv, got "
+            f"cohort_root={cohort_root!r}, manifest_tsv={manifest_tsv!r}"
+        )
+    if cohort_root is not None:
+        images, clinical, source = _load_cohort_folder(Path(cohort_root))
+    else:
+        images, clinical, source = _load_user_manifest(Path(manifest_tsv))
+
+    clinical = _parse_clinical(clinical, source["clinical"], rules)
+    images = _check_images_table(images, source["images"], source["base"], set(clinical.index))
+    _check_required_modalities(images, clinical.index, rules, source["images"])
+    _check_files_exist(images, source["images"])
+
+    measured = _measure_images(images, progress=progress)
+    _check_decoded(measured, source["images"])
+    _check_min_size(measured, rules, source["images"])
+
+    frame = measured.drop(columns=["error", "row"]).join(clinical, on="patient_id")
+    frame = frame.sort_values(["patient_id", "modality", "path"], kind="stable")
+    return _with_dtypes(frame.reset_index(drop=True)[list(MANIFEST_COLUMNS)])
+
+
+def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write a manifest as TSV, atomically (empty stage/survival/event stay empty cells).
+
+    Side effects: creates ``path`` (and its parent folders).
+    """
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"manifest frame lacks columns {missing} (has {list(frame.columns)})")
+    return write_tsv(frame[list(MANIFEST_COLUMNS)], path)
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a manifest written by :func:`write_manifest`, with its dtypes restored.
+
+    Text columns are ``str`` (an empty ``mn_stage`` is ``""``), ``width_px``/``height_px``
+    are ``int64``, ``survival_months`` is ``float64`` (NaN when unknown) and ``event`` is the
+    nullable ``Int64``.
+    """
+    path = Path(path)
+    table = _read_table(path, "manifest", MANIFEST_COLUMNS)
+    try:
+        return _with_dtypes(table[list(MANIFEST_COLUMNS)])
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{path}: manifest has a malformed value: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- loading tables
+
+
+def _read_table(path: Path, what: str, required: Iterable[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise ManifestError(f"{path}: {what} table not found")
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise ManifestError(f"{path}: {what} table cannot be read as TSV ({exc})") from exc
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"{path}: {what} table lacks required columns {missing}; "
+            f"present columns: {list(table.columns)}"
+        )
+    return table.map(str.strip)
+
+
+def _load_cohort_folder(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    if not root.is_dir():
+        raise ManifestError(f"{root}: cohort folder not found")
+    clinical_path, images_path = root / "clinical.tsv", root / "images.tsv"
+    clinical = _read_table(clinical_path, "clinical", ("patient_id", "disease"))
+    images = _read_table(images_path, "images", IMAGE_COLUMNS)
+    for column in OPTIONAL_LABEL_COLUMNS:
+        if column not in clinical.columns:
+            clinical[column] = ""
+    clinical["row"] = _row_numbers(clinical)
+    duplicated = clinical[clinical["patient_id"].duplicated(keep=False)]
+    if len(duplicated):
+        lines = [
+            f"patient {pid!r} on rows {list(group['row'])}"
+            for pid, group in duplicated.groupby("patient_id", sort=True)
+        ]
+        raise ManifestError(_listing(clinical_path, "duplicate patient ids", lines))
+    images["row"] = _row_numbers(images)
+    source = {"clinical": clinical_path, "images": images_path, "base": root}
+    return images, clinical, source
+
+
+def _load_user_manifest(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    table = _read_table(path, "manifest", (*IMAGE_COLUMNS, "disease"))
+    for column in OPTIONAL_LABEL_COLUMNS:
+        if column not in table.columns:
+            table[column] = ""
+    table["row"] = _row_numbers(table)
+    lines = []
+    for pid, group in table[table["patient_id"] != ""].groupby("patient_id", sort=True):
+        for column in LABEL_COLUMNS:
+            values = sorted(set(group[column]))
+            if len(values) > 1:
+                lines.append(f"patient {pid!r}: {column} takes values {values}")
+    if lines:
+        raise ManifestError(_listing(path, "inconsistent labels within a patient", lines))
+    clinical = table.drop_duplicates("patient_id")[["patient_id", *LABEL_COLUMNS, "row"]]
+    images = table[[*IMAGE_COLUMNS, "row"]]
+    source = {"clinical": path, "images": path, "base": path.parent}
+    return images, clinical, source
+
+
+def _row_numbers(table: pd.DataFrame) -> list[int]:
+    """1-based line numbers in the file (the header is line 1)."""
+    return list(range(2, len(table) + 2))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _listing(path: Path, problem: str, lines: Sequence[str]) -> str:
+    shown = [f"  - {line}" for line in lines[:MAX_LISTED]]
+    if len(lines) > MAX_LISTED:
+        shown.append(f"  ... and {len(lines) - MAX_LISTED} more")
+    return f"{path}: {problem} ({len(lines)}):\n" + "\n".join(shown)
+
+
+def _parse_clinical(clinical: pd.DataFrame, path: Path, rules: ManifestRules) -> pd.DataFrame:
+    """Check labels against the rules; return one row per patient indexed by patient_id."""
+    empty_ids = clinical.loc[clinical["patient_id"] == "", "row"]
+    if len(empty_ids):
+        raise ManifestError(
+            _listing(path, "empty patient_id", [f"row {r}" for r in empty_ids.tolist()])
+        )
+
+    lines = []
+    for row in clinical.itertuples(index=False):
+        if row.disease not in rules.classes:
+            lines.append(
+                f"patient {row.patient_id!r} (row {row.row}): disease {row.disease!r} "
+                f"is not one of the allowed classes {list(rules.classes)}"
+            )
+        if row.mn_stage != "" and row.mn_stage not in rules.stages:
+            lines.append(
+                f"patient {row.patient_id!r} (row {row.row}): mn_stage {row.mn_stage!r} "
+                f"is not one of the allowed stages {list(rules.stages)} (or empty)"
+            )
+    if lines:
+        raise ManifestError(_listing(path, "labels outside the allowed values", lines))
+
+    survival = pd.to_numeric(_blank_to_nan(clinical["survival_months"]), errors="coerce")
+    event = pd.to_numeric(_blank_to_nan(clinical["event"]), errors="coerce")
+    lines = []
+    for i, row in enumerate(clinical.itertuples(index=False)):
+        if row.survival_months != "" and not (survival.iloc[i] >= 0):
+            lines.append(
+                f"patient {row.patient_id!r} (row {row.row}): survival_months "
+                f"{row.survival_months!r} is not a non-negative number"
+            )
+        if row.event != "" and event.iloc[i] not in (0, 1):
+            lines.append(
+                f"patient {row.patient_id!r} (row {row.row}): event {row.event!r} is not 0 or 1"
+            )
+    if lines:
+        raise ManifestError(_listing(path, "malformed survival values", lines))
+
+    parsed = clinical[["patient_id", "disease", "mn_stage"]].copy()
+    parsed["survival_months"] = survival.astype("float64").to_numpy()
+    parsed["event"] = event.astype("Int64").to_numpy()
+    return parsed.set_index("patient_id")
+
+
+def _check_images_table(
+    images: pd.DataFrame, path: Path, base: Path, known_patients: set[str]
+) -> pd.DataFrame:
+    """Check ids, modalities and duplicates; add resolved ``path`` and ``image_id``."""
+    images = images.copy()
+    images["modality"] = images["modality"].str.upper()
+    lines = []
+    for row in images.itertuples(index=False):
+        if row.patient_id == "" or row.path == "":
+            lines.append(f"row {row.row}: empty patient_id or path")
+        elif row.modality not in MODALITIES:
+            lines.append(
+                f"row {row.row} (patient {row.patient_id!r}): modality {row.modality!r} "
+                f"is not one of {list(MODALITIES)}"
+            )
+    if lines:
+        raise ManifestError(_listing(path, "malformed image rows", lines))
+
+    unknown = images[~images["patient_id"].isin(known_patients)]
+    if len(unknown):
+        lines = [
+            f"patient {pid!r} (rows {list(group['row'])})"
+            for pid, group in unknown.groupby("patient_id", sort=True)
+        ]
+        raise ManifestError(_listing(path, "images of patients not in the clinical table", lines))
+
+    images["path"] = [str(_resolve(base, p)) for p in images["path"]]
+    images["image_id"] = [image_stem(p) for p in images["path"]]
+    for column, what in (("path", "duplicate image paths"), ("image_id", "duplicate image ids")):
+        duplicated = images[images[column].duplicated(keep=False)]
+        if len(duplicated):
+            lines = [
+                f"{value} on rows {list(group['row'])} "
+                f"(patients {sorted(set(group['patient_id']))})"
+                for value, group in duplicated.groupby(column, sort=True)
+            ]
+            raise ManifestError(_listing(path, what, lines))
+    return images
+
+
+def _resolve(base: Path, raw: str) -> Path:
+    candidate = Path(raw).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    return candidate.resolve()
+
+
+def _check_required_modalities(
+    images: pd.DataFrame, patients: Iterable[str], rules: ManifestRules, path: Path
+) -> None:
+    present = images.groupby("patient_id")["modality"].agg(set).to_dict()
+    lines = []
+    for pid in sorted(patients):
+        missing = [m for m in rules.required_modalities if m not in present.get(pid, set())]
+        if missing:
+            lines.append(f"patient {pid!r} has no image of required modality {', '.join(missing)}")
+    if lines:
+        raise ManifestError(_listing(path, "patients missing a required modality", lines))
+
+
+def _check_files_exist(images: pd.DataFrame, path: Path) -> None:
+    lines = [
+        f"{row.path} (patient {row.patient_id!r}, row {row.row})"
+        for row in images.itertuples(index=False)
+        if not os.path.exists(row.path)
+    ]
+    if lines:
+        raise ManifestError(_listing(path, "image files not found", lines))
+
+
+def _check_decoded(measured: pd.DataFrame, path: Path) -> None:
+    failed = measured[measured["error"] != ""]
+    lines = [
+        f"patient {row.patient_id!r}, row {row.row}: {row.error}"
+        for row in failed.itertuples(index=False)
+    ]
+    if lines:
+        raise ManifestError(_listing(path, "images that cannot be decoded", lines))
+
+
+def _check_min_size(measured: pd.DataFrame, rules: ManifestRules, path: Path) -> None:
+    lines = []
+    for row in measured.itertuples(index=False):
+        minimum_px = rules.min_image_px.get(row.modality)
+        if minimum_px is not None and min(row.width_px, row.height_px) < minimum_px:
+            lines.append(
+                f"{row.path} (patient {row.patient_id!r}, {row.modality}): size "
+                f"{row.width_px}x{row.height_px} px, smaller than the minimum {minimum_px} px "
+                f"for {row.modality}"
+            )
+    if lines:
+        raise ManifestError(_listing(path, "images smaller than the minimum size", lines))
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _measure_one(image_path: str, modality: str) -> tuple[str, int, int, str]:
+    """Return ``(sha256, width_px, height_px, error)``; ``error`` is empty on success."""
+    try:
+        size = read_image_size(image_path, modality=modality)
+    except ImageReadError as exc:
+        return "", -1, -1, str(exc)
+    return _checksum(Path(image_path)), size.width_px, size.height_px, ""
+
+
+def _checksum(path: Path) -> str:
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()} {sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _measure_images(images: pd.DataFrame, *, progress: bool) -> pd.DataFrame:
+    # hashing is I/O bound and hashlib releases the GIL, so threads overlap the reads
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(_measure_one, images["path"], images["modality"])
+        if progress:
+            from rich.progress import track
+
+            results = track(results, total=len(images), description="hashing and sizing images")
+        results = list(results)
+    measured = images.copy()
+    columns = ["sha256", "width_px", "height_px", "error"]
+    measured[columns] = pd.DataFrame(results, columns=columns, index=images.index)
+    return measured
+
+
+def _with_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    for column in ("patient_id", "modality", "image_id", "path", "sha256", "disease", "mn_stage"):
+        frame[column] = frame[column].fillna("").astype(str)
+    for column in ("width_px", "height_px"):
+        frame[column] = pd.to_numeric(frame[column], errors="raise").astype("int64")
+    survival = pd.to_numeric(_blank_to_nan(frame["survival_months"]), errors="raise")
+    frame["survival_months"] = survival.astype("float64")
+    frame["event"] = pd.to_numeric(_blank_to_nan(frame["event"]), errors="raise").astype("Int64")
+    return frame
+
+
+def _blank_to_nan(series: pd.Series) -> pd.Series:
+    if series.dtype != object:
+        return series
+    return series.where(series.astype(str).str.strip() != "", np.nan)

@@ -1,0 +1,406 @@
+"""Patient-level, stratified, seeded train/validation/test splits.
+
+Three schemes, each a list of folds ``{"fold": k, "train": [...], "val": [...], "test": [...]}``
+(sorted patient ids; ``val`` may be empty; ``k`` counts from 0):
+
+- ``kfold``: stratified k-fold (scikit-learn ``StratifiedKFold``); every patient is in exactly
+  one test fold; optionally a stratified ``val_fraction`` of each fold's training patients is
+  held out for validation.
+- ``holdout``: one stratified train/val/test partition by ``fractions``.
+- ``repeated``: ``n_repeats`` independent holdout partitions.
+
+Holdout partitions allocate each class exactly: a class of ``n_c`` patients gives
+``floor(n_c * f)`` patients to each part, and the leftover patients go to the parts with the
+largest remainders, so every part is within one patient of its ideal share of each class.
+
+Patients are sorted by id before anything random happens, so the folds depend only on the
+set of (patient, label) pairs and the seed, never on the order of the input.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mmdiag.io.atomic import write_json
+
+__all__ = [
+    "SCHEME_TYPES",
+    "holdout_split",
+    "kfold_splits",
+    "load_splits",
+    "make_splits",
+    "repeated_splits",
+    "write_splits",
+]
+
+SCHEME_TYPES: tuple[str, ...] = ("kfold", "holdout", "repeated")
+_SCHEME_PARAMS: dict[str, tuple[str, ...]] = {
+    "kfold": ("n_folds", "val_fraction"),
+    "holdout": ("fractions",),
+    "repeated": ("n_repeats", "fractions"),
+}
+_SPLITS_KEYS = ("scheme", "type", "seed", "label", "n_patients", "params", "folds")
+_FRACTION_TOLERANCE = 1e-6
+
+
+# --------------------------------------------------------------------------- public splitters
+
+
+def kfold_splits(
+    patient_ids: Sequence[str],
+    labels: Sequence[str],
+    *,
+    n_folds: int,
+    seed: int,
+    val_fraction: float = 0.0,
+) -> list[dict]:
+    """Stratified k-fold splits of patients; each patient is in exactly one test fold.
+
+    Parameters
+    ----------
+    patient_ids, labels
+        One entry per patient (ids unique), the label used for stratification.
+    n_folds
+        Number of folds, at least 2, at most the size of the smallest class.
+    seed
+        Seed of the shuffle; the same seed gives the same folds.
+    val_fraction
+        Share of each fold's training patients held out, stratified, as validation (0 to <1).
+
+    Raises
+    ------
+    ValueError
+        For ``n_folds < 2``, a class with fewer patients than folds (named with its count),
+        ``val_fraction`` outside ``[0, 1)``, or malformed ids/labels.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    ids, y = _validated_patients(patient_ids, labels)
+    if isinstance(n_folds, bool) or not isinstance(n_folds, int | np.integer) or n_folds < 2:
+        raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    counts = Counter(y.tolist())
+    too_small = {label: n for label, n in sorted(counts.items()) if n < n_folds}
+    if too_small:
+        described = ", ".join(f"class {label!r} has {n}" for label, n in too_small.items())
+        raise ValueError(
+            f"n_folds={n_folds} needs at least {n_folds} patients per class, but {described}"
+        )
+
+    splitter = StratifiedKFold(n_splits=int(n_folds), shuffle=True, random_state=int(seed))
+    folds = []
+    for k, (train_idx, test_idx) in enumerate(splitter.split(ids, y)):
+        val_idx = np.array([], dtype=int)
+        if val_fraction > 0:
+            rng = np.random.default_rng([int(seed), k])
+            parts = _allocate(y[train_idx], (1.0 - val_fraction, val_fraction), rng)
+            train_idx, val_idx = train_idx[parts[0]], train_idx[parts[1]]
+        folds.append(_fold(k, ids, train_idx, val_idx, test_idx))
+    return folds
+
+
+def holdout_split(
+    patient_ids: Sequence[str],
+    labels: Sequence[str],
+    *,
+    fractions: Sequence[float],
+    seed: int,
+) -> list[dict]:
+    """One stratified train/val/test partition of patients, as a list holding one fold.
+
+    ``fractions`` is ``(train, val, test)``, non-negative, summing to 1, with train and test
+    above 0. Raises ``ValueError`` on bad fractions or when train or test would be empty.
+    """
+    return repeated_splits(patient_ids, labels, n_repeats=1, fractions=fractions, seed=seed)
+
+
+def repeated_splits(
+    patient_ids: Sequence[str],
+    labels: Sequence[str],
+    *,
+    n_repeats: int,
+    fractions: Sequence[float],
+    seed: int,
+) -> list[dict]:
+    """``n_repeats`` independent stratified train/val/test partitions of patients.
+
+    Repeat ``k`` draws from ``numpy.random.default_rng([seed, k])``, so the first repeats do not
+    change when ``n_repeats`` grows. ``fractions`` as in :func:`holdout_split`.
+    """
+    ids, y = _validated_patients(patient_ids, labels)
+    fractions = _validated_fractions(fractions)
+    if isinstance(n_repeats, bool) or not isinstance(n_repeats, int | np.integer) or n_repeats < 1:
+        raise ValueError(f"n_repeats must be an integer >= 1, got {n_repeats!r}")
+    folds = []
+    for k in range(int(n_repeats)):
+        rng = np.random.default_rng([int(seed), k])
+        train_idx, val_idx, test_idx = _allocate(y, fractions, rng)
+        for name, idx in (("train", train_idx), ("test", test_idx)):
+            if len(idx) == 0:
+                raise ValueError(
+                    f"fractions={list(fractions)} leave the {name} set empty for "
+                    f"{len(ids)} patients with class counts {dict(sorted(Counter(y).items()))}"
+                )
+        folds.append(_fold(k, ids, train_idx, val_idx, test_idx))
+    return folds
+
+
+# --------------------------------------------------------------------------- scheme level
+
+
+def make_splits(
+    manifest: pd.DataFrame, scheme_name: str, scheme: Mapping[str, Any], *, seed: int
+) -> dict:
+    """Split the patients of a manifest by a named scheme from the config.
+
+    Takes one row per patient, stratifies on ``scheme["label"]`` (default ``"disease"``) and
+    leaves out patients whose label is empty, so an ``mn_stage`` scheme covers MN patients only.
+
+    Parameters
+    ----------
+    manifest
+        A manifest frame (see :mod:`mmdiag.data.manifest`).
+    scheme_name
+        The scheme's name in the config, recorded in the result.
+    scheme
+        ``{"type": "kfold", "n_folds": 5, "val_fraction": 0.0, "label": "disease"}``,
+        ``{"type": "holdout", "fractions": [0.6, 0.1, 0.3], "label": "disease"}`` or
+        ``{"type": "repeated", "n_repeats": 10, "fractions": [0.6, 0.1, 0.3], ...}``.
+    seed
+        Seed of every random choice.
+
+    Returns
+    -------
+    dict
+        ``{"scheme", "type", "seed", "label", "n_patients", "params", "folds"}``.
+    """
+    if not isinstance(scheme, Mapping):
+        raise ValueError(f"scheme {scheme_name!r} must be a mapping, got {type(scheme).__name__}")
+    scheme_type = scheme.get("type")
+    if scheme_type not in SCHEME_TYPES:
+        raise ValueError(
+            f"scheme {scheme_name!r}: type must be one of {list(SCHEME_TYPES)}, got {scheme_type!r}"
+        )
+    label = scheme.get("label", "disease")
+    allowed = {"type", "label", *_SCHEME_PARAMS[scheme_type]}
+    unknown = sorted(set(scheme) - allowed)
+    if unknown:
+        raise ValueError(
+            f"scheme {scheme_name!r} ({scheme_type}): unknown keys {unknown}; "
+            f"allowed keys: {sorted(allowed)}"
+        )
+    for column in ("patient_id", label):
+        if column not in manifest.columns:
+            raise ValueError(
+                f"scheme {scheme_name!r}: manifest has no column {column!r} "
+                f"(columns: {list(manifest.columns)})"
+            )
+
+    patients = manifest[["patient_id", label]].copy()
+    patients["patient_id"] = patients["patient_id"].astype(str)
+    patients[label] = patients[label].fillna("").astype(str).str.strip()
+    per_patient = patients.groupby("patient_id")[label].agg(lambda v: sorted(set(v)))
+    inconsistent = per_patient[per_patient.map(len) > 1]
+    if len(inconsistent):
+        raise ValueError(
+            f"scheme {scheme_name!r}: label {label!r} differs within patients: "
+            f"{dict(inconsistent.head(20))}"
+        )
+    per_patient = per_patient.map(lambda v: v[0])
+    per_patient = per_patient[per_patient != ""]
+    if per_patient.empty:
+        raise ValueError(f"scheme {scheme_name!r}: no patient has a non-empty {label!r} label")
+    ids, y = per_patient.index.tolist(), per_patient.tolist()
+
+    if scheme_type == "kfold":
+        params = {
+            "n_folds": scheme.get("n_folds", 5),
+            "val_fraction": float(scheme.get("val_fraction", 0.0)),
+        }
+        folds = kfold_splits(ids, y, seed=seed, **params)
+    elif scheme_type == "holdout":
+        params = {"fractions": _fractions_param(scheme, scheme_name)}
+        folds = holdout_split(ids, y, seed=seed, **params)
+    else:
+        params = {
+            "n_repeats": scheme.get("n_repeats", 10),
+            "fractions": _fractions_param(scheme, scheme_name),
+        }
+        folds = repeated_splits(ids, y, seed=seed, **params)
+    return {
+        "scheme": str(scheme_name),
+        "type": scheme_type,
+        "seed": int(seed),
+        "label": label,
+        "n_patients": len(ids),
+        "params": params,
+        "folds": folds,
+    }
+
+
+def write_splits(splits: dict, path: str | os.PathLike) -> Path:
+    """Validate ``splits`` and write it as JSON, atomically.
+
+    Side effects: creates ``path`` (and its parent folders).
+    """
+    _validate_splits(splits, f"splits to be written to {path}")
+    return write_json(splits, path)
+
+
+def load_splits(path: str | os.PathLike) -> dict:
+    """Read a splits JSON and check its structure; ``ValueError`` naming the file otherwise.
+
+    Checks the top-level keys, that folds are numbered 0, 1, ..., that each fold's
+    train/val/test lists are disjoint and together hold ``n_patients`` patients, and, for
+    ``kfold``, that every patient is in exactly one test fold.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        splits = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path}: splits file not found") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: splits file is not readable JSON ({exc})") from exc
+    _validate_splits(splits, str(path))
+    return splits
+
+
+# --------------------------------------------------------------------------- private helpers
+
+
+def _validated_patients(
+    patient_ids: Sequence[str], labels: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return ids and labels as string arrays, sorted by id."""
+    ids = [str(p) for p in patient_ids]
+    y = [str(v) for v in labels]
+    if len(ids) != len(y):
+        raise ValueError(
+            f"patient_ids and labels differ in length: {len(ids)} ids, {len(y)} labels"
+        )
+    if not ids:
+        raise ValueError("patient_ids is empty")
+    duplicated = sorted(p for p, n in Counter(ids).items() if n > 1)
+    if duplicated:
+        raise ValueError(f"patient_ids must be unique, repeated: {duplicated[:20]}")
+    order = np.argsort(np.array(ids, dtype=object), kind="stable")
+    return np.array(ids, dtype=object)[order], np.array(y, dtype=object)[order]
+
+
+def _validated_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"fractions must be three numbers, got {fractions!r}") from exc
+    if len(values) != 3:
+        raise ValueError(f"fractions must be (train, val, test), got {len(values)}: {values}")
+    if any(f < 0 for f in values) or values[0] == 0 or values[2] == 0:
+        raise ValueError(
+            f"fractions must be non-negative with train and test > 0, got {list(values)}"
+        )
+    if not math.isclose(sum(values), 1.0, abs_tol=_FRACTION_TOLERANCE):
+        raise ValueError(f"fractions must sum to 1, got {list(values)} (sum {sum(values):g})")
+    return values
+
+
+def _fractions_param(scheme: Mapping[str, Any], scheme_name: str) -> list[float]:
+    if "fractions" not in scheme:
+        raise ValueError(f"scheme {scheme_name!r} ({scheme['type']}) needs 'fractions'")
+    return [float(f) for f in _validated_fractions(scheme["fractions"])]
+
+
+def _allocate(
+    y: np.ndarray, fractions: Sequence[float], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Partition positions ``0..len(y)-1`` into ``len(fractions)`` parts, exactly per class.
+
+    Within each class the patients are shuffled, each part gets ``floor(n_c * f)`` of them and
+    the leftovers go to the parts with the largest remainders (ties to the earlier part).
+    """
+    parts: list[list[int]] = [[] for _ in fractions]
+    for label in sorted(set(y.tolist())):
+        members = rng.permutation(np.flatnonzero(y == label))
+        ideal = np.array(fractions) * len(members)
+        counts = np.floor(ideal + 1e-9).astype(int)
+        leftover = len(members) - counts.sum()
+        by_remainder = sorted(range(len(fractions)), key=lambda j: (-(ideal[j] - counts[j]), j))
+        for j in by_remainder[:leftover]:
+            counts[j] += 1
+        start = 0
+        for j, count in enumerate(counts):
+            parts[j].extend(members[start : start + count].tolist())
+            start += count
+    return [np.array(sorted(p), dtype=int) for p in parts]
+
+
+def _fold(
+    k: int, ids: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, test_idx: np.ndarray
+) -> dict:
+    return {
+        "fold": int(k),
+        "train": sorted(ids[train_idx].tolist()),
+        "val": sorted(ids[val_idx].tolist()),
+        "test": sorted(ids[test_idx].tolist()),
+    }
+
+
+def _validate_splits(splits: Any, where: str) -> None:
+    def fail(problem: str) -> None:
+        raise ValueError(f"{where}: {problem}")
+
+    if not isinstance(splits, dict):
+        fail(f"expected a JSON object, got {type(splits).__name__}")
+    missing = [key for key in _SPLITS_KEYS if key not in splits]
+    if missing:
+        fail(f"missing keys {missing} (present: {sorted(splits)})")
+    if splits["type"] not in SCHEME_TYPES:
+        fail(f"type must be one of {list(SCHEME_TYPES)}, got {splits['type']!r}")
+    folds = splits["folds"]
+    if not isinstance(folds, list) or not folds:
+        fail("'folds' must be a non-empty list")
+    n_patients = splits["n_patients"]
+    if not isinstance(n_patients, int) or n_patients < 1:
+        fail(f"'n_patients' must be a positive integer, got {n_patients!r}")
+    if not isinstance(splits["params"], dict):
+        fail("'params' must be an object")
+
+    tested: Counter[str] = Counter()
+    for position, fold in enumerate(folds):
+        if not isinstance(fold, dict):
+            fail(f"fold {position} is not an object")
+        if fold.get("fold") != position:
+            fail(f"fold at position {position} is numbered {fold.get('fold')!r}")
+        sets = {}
+        for part in ("train", "val", "test"):
+            members = fold.get(part)
+            if not isinstance(members, list) or not all(isinstance(p, str) for p in members):
+                fail(f"fold {position}: '{part}' must be a list of patient id strings")
+            if len(set(members)) != len(members):
+                fail(f"fold {position}: '{part}' lists a patient twice")
+            sets[part] = set(members)
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = sorted(sets[a] & sets[b])
+            if shared:
+                fail(f"fold {position}: patients in both {a} and {b}: {shared[:20]}")
+        covered = len(sets["train"]) + len(sets["val"]) + len(sets["test"])
+        if covered != n_patients:
+            fail(f"fold {position} holds {covered} patients, n_patients is {n_patients}")
+        tested.update(sets["test"])
+    if splits["type"] == "kfold":
+        repeated = sorted(p for p, n in tested.items() if n > 1)
+        if repeated or len(tested) != n_patients:
+            fail(
+                f"k-fold test sets must hold every patient exactly once; {len(tested)} of "
+                f"{n_patients} patients tested, repeated: {repeated[:20]}"
+            )

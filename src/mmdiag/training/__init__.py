@@ -1,0 +1,1 @@
+"""Per-fold training, prediction and the files each fold leaves behind."""

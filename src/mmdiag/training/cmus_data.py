@@ -1,0 +1,131 @@
+"""Patient samples for CMUS-Net: one OM, one IM and a bag of TEM images, preprocessed.
+
+Preprocessing follows the paper (Section 4.1-4.2): the legend strip is cut from the bottom of
+each TEM image (2048x2048 -> 2048x1940 at paper scale), every image is resized to a square
+(224 px in the paper) and normalised; random horizontal and vertical flips in training only.
+Images are decoded once per fold and kept in memory as uint8 tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class PatientSample:
+    """The preprocessed images of one patient (uint8, C x S x S) and its class index."""
+
+    patient_id: str
+    label: int
+    om: torch.Tensor
+    im: torch.Tensor
+    tem: torch.Tensor  # (n_tem, 3, S, S)
+
+
+def load_image(path: str | Path, *, size_px: int, crop_bottom_px: int = 0) -> torch.Tensor:
+    """Decode an image as RGB, cut ``crop_bottom_px`` rows off its bottom, resize to a square.
+
+    Grayscale images (TEM) are replicated to three channels so every encoder sees RGB.
+    """
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if crop_bottom_px:
+                if crop_bottom_px >= image.height:
+                    raise ValueError(
+                        f"{path}: cannot cut {crop_bottom_px} legend rows from an image "
+                        f"{image.height} px high"
+                    )
+                image = image.crop((0, 0, image.width, image.height - crop_bottom_px))
+            image = image.resize((size_px, size_px), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except OSError as error:
+        raise ValueError(f"cannot decode image {path}: {error}") from error
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_patient_samples(
+    manifest: pd.DataFrame,
+    patient_ids: Sequence[str],
+    *,
+    label_column: str,
+    classes: Sequence[str],
+    image_size_px: int,
+    tem_legend_px: int,
+    max_tem_per_patient: int,
+) -> list[PatientSample]:
+    """Build the samples of ``patient_ids`` from manifest rows (one row per image)."""
+    class_index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for patient_id in patient_ids:
+        rows = manifest[manifest["patient_id"] == patient_id].sort_values("path")
+        if rows.empty:
+            raise ValueError(f"patient {patient_id} is in the split but not in the manifest")
+        label = str(rows[label_column].iloc[0])
+        if label not in class_index:
+            raise ValueError(f"patient {patient_id}: label {label!r} not in {list(classes)}")
+        images = {}
+        for modality in ("OM", "IM", "TEM"):
+            paths = rows.loc[rows["modality"] == modality, "path"].tolist()
+            if not paths:
+                raise ValueError(f"patient {patient_id} has no {modality} image in the manifest")
+            crop = tem_legend_px if modality == "TEM" else 0
+            keep = paths[:max_tem_per_patient] if modality == "TEM" else paths[:1]
+            images[modality] = torch.stack(
+                [load_image(p, size_px=image_size_px, crop_bottom_px=crop) for p in keep]
+            )
+        samples.append(
+            PatientSample(
+                patient_id=patient_id,
+                label=class_index[label],
+                om=images["OM"][0],
+                im=images["IM"][0],
+                tem=images["TEM"],
+            )
+        )
+    return samples
+
+
+def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (images.float() / 255.0 - mean) / std
+
+
+def _random_flips(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image horizontally and vertically, each with probability 1/2."""
+    flips = torch.rand(images.shape[0], 2, generator=generator) < 0.5
+    images = torch.where(flips[:, 0, None, None, None], images.flip(-1), images)
+    return torch.where(flips[:, 1, None, None, None], images.flip(-2), images)
+
+
+def collate_patients(
+    samples: Sequence[PatientSample],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment_generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Stack patients into a batch (see :mod:`mmdiag.models.cmus`); flips when a generator is given."""
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    om = torch.stack([s.om for s in samples])
+    im = torch.stack([s.im for s in samples])
+    tem = torch.cat([s.tem for s in samples])
+    if augment_generator is not None:
+        om, im, tem = (_random_flips(x, augment_generator) for x in (om, im, tem))
+    tem_patient = torch.repeat_interleave(
+        torch.arange(len(samples)), torch.tensor([s.tem.shape[0] for s in samples])
+    )
+    return {
+        "om": _normalise(om, mean_t, std_t),
+        "im": _normalise(im, mean_t, std_t),
+        "tem": _normalise(tem, mean_t, std_t),
+        "tem_patient": tem_patient,
+        "label": torch.tensor([s.label for s in samples]),
+    }

@@ -1,0 +1,104 @@
+"""Model registry, the CMUS concatenation baseline and encoder checkpoint loading."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mmdiag.models import create_model, list_models
+from mmdiag.models.cmus import bag_mean
+from mmdiag.models.encoders import create_encoder, load_encoder_checkpoint
+
+TINY = {"encoder": "test_convnext", "hidden_dim": 16}
+
+
+def _batch(n_patients=2, tem_counts=(2, 3), size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "om": torch.randn(n_patients, 3, size, size, generator=generator),
+        "im": torch.randn(n_patients, 3, size, size, generator=generator),
+        "tem": torch.randn(sum(tem_counts), 3, size, size, generator=generator),
+        "tem_patient": torch.repeat_interleave(torch.arange(n_patients), torch.tensor(tem_counts)),
+    }
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("modalities", [("OM", "IM", "TEM"), ("OM",), ("IM", "TEM")])
+def test_every_model_runs_forward_and_backward(name, modalities):
+    model = create_model(name, num_classes=3, modalities=modalities, **TINY)
+    logits = model(_batch())
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    for modality in modalities:
+        grads = [p.grad for p in model.encoders[modality].parameters() if p.requires_grad]
+        assert all(g is not None for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+    assert set(model.encoders) == set(modalities)
+
+
+def test_unknown_model_names_the_registry():
+    with pytest.raises(ValueError, match="cmus_concat"):
+        create_model("no_such_model")
+    with pytest.raises(ValueError, match="subset"):
+        create_model("cmus_concat", modalities=("XR",), **TINY)
+
+
+def test_bag_mean_matches_a_loop():
+    features = torch.randn(7, 5)
+    bags = torch.tensor([2, 0, 0, 2, 1, 2, 0])
+    expected = torch.stack([features[bags == b].mean(0) for b in range(3)])
+    torch.testing.assert_close(bag_mean(features, bags, 3), expected)
+
+
+def test_tem_bag_order_does_not_matter():
+    model = create_model("cmus_concat", num_classes=3, **TINY).eval()
+    batch = _batch()
+    permutation = torch.tensor([4, 0, 3, 1, 2])
+    shuffled = dict(
+        batch, tem=batch["tem"][permutation], tem_patient=batch["tem_patient"][permutation]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), model(shuffled), rtol=1e-4, atol=1e-5)
+
+
+def test_each_patient_sees_only_its_own_tem_images():
+    model = create_model("cmus_concat", num_classes=3, **TINY).eval()
+    batch = _batch()
+    changed = dict(batch, tem=batch["tem"].clone())
+    changed["tem"][2:] += 3.0  # patient 1's TEM images only
+    with torch.no_grad():
+        before, after = model(batch), model(changed)
+    torch.testing.assert_close(before[0], after[0])
+    assert not torch.allclose(before[1], after[1])
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_encoder_checkpoint_round_trip(tmp_path, suffix):
+    source = create_encoder("test_convnext")
+    # a checkpoint as training frameworks write it: wrapped names and a classifier head
+    state = {f"module.{k}": v.clone() for k, v in source.state_dict().items()}
+    state["module.head.fc.weight"] = torch.zeros(10, 64)
+    path = tmp_path / f"encoder{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    model = create_model("cmus_concat", num_classes=3, checkpoint=str(path), **TINY)
+    for encoder in model.encoders.values():
+        for key, value in source.state_dict().items():
+            torch.testing.assert_close(encoder.state_dict()[key], value)
+
+
+def test_encoder_checkpoint_errors_name_the_file(tmp_path):
+    encoder = create_encoder("test_convnext")
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"stem.0.weight": torch.zeros(1, 1, 1, 1)}, str(wrong))
+    with pytest.raises(ValueError, match="wrong.safetensors.*shape mismatch"):
+        load_encoder_checkpoint(encoder, wrong)
+    unrelated = tmp_path / "unrelated.safetensors"
+    save_file({"something.else": torch.zeros(2)}, str(unrelated))
+    with pytest.raises(ValueError, match="unrelated.safetensors.*no parameter"):
+        load_encoder_checkpoint(encoder, unrelated)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_encoder_checkpoint(encoder, tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="unknown timm encoder"):
+        create_encoder("not_a_timm_model")

@@ -1,0 +1,153 @@
+"""The Snakemake workflow: lint, formatting, and a real run of the DAG on a tiny cohort."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "envs")
+
+TINY_CONFIG = {
+    "synth": {
+        "seed": 3,
+        "n_patients": 12,
+        "om_size_px": [96, 64],
+        "im_size_px": [96, 64],
+        "tem_size_px": 64,
+        "tem_legend_px": 4,
+        "tem_per_patient": [2, 3],
+        "wsi": {
+            "n_patients": 1,
+            "width_px": 512,
+            "height_px": 512,
+            "n_levels": 3,
+            "downsample": 2,
+            "tile_px": 128,
+        },
+        "ct": {"n_patients": 1, "shape_vox": [16, 16, 8]},
+        "genes": {"n_genes": 20, "tumour_set_size": 4, "microenvironment_set_size": 6},
+    },
+    "manifest": {"min_image_px": {"OM": 32, "IM": 32, "TEM": 32, "WSI": 128, "CT": 8}},
+    "splits": {"schemes": {"kfold3": {"type": "kfold", "n_folds": 3, "label": "disease"}}},
+    "methods": {
+        "cmus": {
+            "split": "kfold3",
+            "preprocess": {"image_size_px": 32, "tem_legend_px": 4},
+            "train": {"epochs": 2, "batch_size": 4},
+            "variants": {
+                "om_only": {
+                    "model": "cmus_concat",
+                    "encoder": "test_convnext",
+                    "hidden_dim": 16,
+                    "modalities": ["OM"],
+                },
+            },
+        }
+    },
+}
+
+
+def _run(command, cwd, timeout=600):
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_snakemake_lint_is_clean():
+    result = _run([str(BIN / "snakemake"), "--lint"], ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations" in result.stdout + result.stderr
+
+
+def test_snakefmt_check_passes():
+    result = _run([str(BIN / "snakefmt"), "--check", "."], ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_invalid_config_stops_snakemake_with_the_key(tmp_path):
+    for name in WORKFLOW_FILES:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, tmp_path / name)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"methods": {"cmus": {"task": "grading"}}}))
+    result = _run([str(BIN / "snakemake"), "-n", "--configfile", "bad.yaml"], tmp_path)
+    assert result.returncode != 0
+    assert "methods.cmus.task: 'grading' is not allowed" in result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Run the real DAG to results/cmus/fold_all.tsv in a temporary copy of the workflow."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    for name in WORKFLOW_FILES:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, workdir / name)
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    command = [
+        str(BIN / "snakemake"),
+        "--cores",
+        "2",
+        "--configfile",
+        "tiny.yaml",
+        "--show-failed-logs",
+        "results/cmus/fold_all.tsv",
+    ]
+    result = _run(command, workdir)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return workdir, command
+
+
+@pytest.mark.integration
+def test_dag_outputs_are_complete_and_consistent(tiny_run):
+    workdir, _ = tiny_run
+    results = workdir / "results"
+    manifest = pd.read_csv(results / "demo/manifest.tsv", sep="\t")
+    patients = set(manifest["patient_id"])
+    assert len(patients) == 12
+
+    splits = json.loads((results / "demo/splits/kfold3.json").read_text())
+    assert len(splits["folds"]) == 3
+
+    fold_all = pd.read_csv(results / "cmus/fold_all.tsv", sep="\t")
+    assert list(fold_all.columns) == ["method", "variant", "fold", "metric", "value"]
+    metrics = {"ACC", "AUC", "PRE", "REC", "SPE", "F1"}
+    for variant in ("concat", "om_only"):
+        rows = fold_all[fold_all["variant"] == variant]
+        assert set(rows["fold"]) == {0, 1, 2}
+        assert all(set(group["metric"]) == metrics for _, group in rows.groupby("fold"))
+    assert len(fold_all) == 2 * 3 * 6
+    assert fold_all["value"].between(0, 1).all()
+
+    for variant in ("concat", "om_only"):
+        predictions = pd.concat(
+            pd.read_csv(results / f"cmus/{variant}/fold_{k}/predictions.tsv", sep="\t")
+            for k in range(3)
+        )
+        # every patient predicted exactly once per variant across the folds
+        assert sorted(predictions["patient_id"]) == sorted(patients)
+        prob = predictions[[f"prob_{c}" for c in ("IgAN", "MN", "LN")]]
+        assert (prob.sum(axis=1) - 1).abs().max() < 1e-5
+        assert (prob.to_numpy().argmax(1) == predictions["y_pred"]).all()
+        fold_dir = results / f"cmus/{variant}/fold_0"
+        assert len(pd.read_csv(fold_dir / "train_log.tsv", sep="\t")) == 2  # epochs
+        weights = load_file(str(fold_dir / "model.safetensors"))
+        assert any(key.startswith("encoders.OM.") for key in weights)
+        resolved = yaml.safe_load((fold_dir / "config.yaml").read_text())
+        assert (
+            resolved["variant"] == variant and len(resolved["inputs"]["manifest"]["sha256"]) == 64
+        )
+
+
+@pytest.mark.integration
+def test_finished_dag_has_nothing_left_to_do(tiny_run):
+    workdir, command = tiny_run
+    result = _run([*command, "--dry-run"], workdir)
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr

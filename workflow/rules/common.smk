@@ -1,0 +1,94 @@
+# Configuration validation, wildcard constraints and input functions shared by every rule.
+import json
+import shlex
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from mmdiag.config import ConfigError, validate_config
+
+try:
+    config.update(validate_config(config))
+except ConfigError as error:
+    raise WorkflowError(str(error))
+
+# Rules run `python -m mmdiag`; putting the checkout's src/ on PYTHONPATH in every job's shell
+# makes the package importable inside conda environments and cluster jobs alike.
+shell.prefix(
+    "set -euo pipefail; export PYTHONPATH="
+    + shlex.quote(str(Path(workflow.basedir) / "src"))
+    + "${{PYTHONPATH:+:$PYTHONPATH}}; "
+)
+
+
+def settings_json(*sections):
+    """The validated config sections a stage needs, as JSON for `--settings-json`."""
+    return json.dumps(
+        {section: config[section] for section in sections}, sort_keys=True
+    )
+
+
+def method_settings_json(method):
+    """A method's validated settings plus the manifest rules its trainer needs."""
+    return json.dumps(
+        {
+            "methods": {method: config["methods"][method]},
+            "manifest": config["manifest"],
+        },
+        sort_keys=True,
+    )
+
+
+def get_cohort_source(wildcards):
+    """Inputs of the manifest step: the synthetic cohort folder, or the user's files."""
+    cohort = config["cohorts"][wildcards.cohort]
+    if cohort["synthetic"]:
+        return {"raw": f"results/{wildcards.cohort}/raw"}
+    if cohort["manifest"]:
+        return {"user_manifest": cohort["manifest"]}
+    root = Path(cohort["root"])
+    return {"clinical": root / "clinical.tsv", "images": root / "images.tsv"}
+
+
+def get_cohort_source_args(wildcards, input):
+    """Command-line arguments of `mmdiag manifest` for the cohort's source."""
+    if "user_manifest" in input.keys():
+        return f"--manifest {input.user_manifest}"
+    if "raw" in input.keys():
+        return f"--root {input.raw}"
+    return f"--root {Path(input.clinical).parent}"
+
+
+def n_folds(scheme):
+    """Number of folds a split scheme produces."""
+    settings = config["splits"]["schemes"][scheme]
+    return {
+        "kfold": settings["n_folds"],
+        "holdout": 1,
+        "repeated": settings["n_repeats"],
+    }[settings["type"]]
+
+
+def get_method_fold_metrics(method):
+    """Every variant x fold metrics file of a method."""
+    settings = config["methods"][method]
+    return expand(
+        "results/{method}/{variant}/fold_{fold}/metrics.tsv",
+        method=method,
+        variant=list(settings["variants"]),
+        fold=range(n_folds(settings["split"])),
+    )
+
+
+def get_method_inputs(method):
+    """The manifest and split file a method trains on."""
+    settings = config["methods"][method]
+    return {
+        "manifest": f"results/{settings['cohort']}/manifest.tsv",
+        "splits": f"results/{settings['cohort']}/splits/{settings['split']}.json",
+    }
+
+
+def get_final_outputs():
+    """Final targets: each configured method's fold_all.tsv."""
+    return [f"results/{method}/fold_all.tsv" for method in config["methods"]]
