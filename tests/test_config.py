@@ -72,7 +72,8 @@ def test_partial_config_gets_schema_defaults(demo_config):
         ),
         (
             lambda c: c["splits"]["schemes"]["kfold5"].update(type="loo"),
-            "splits.schemes.kfold5.type: 'loo' is not allowed; allowed values: ['kfold', 'holdout', 'repeated']",
+            "splits.schemes.kfold5.type: 'loo' is not allowed; "
+            "allowed values: ['kfold', 'holdout', 'repeated']",
         ),
         (
             lambda c: c["methods"]["cmus"].update(cohort="nowhere"),
@@ -80,7 +81,8 @@ def test_partial_config_gets_schema_defaults(demo_config):
         ),
         (
             lambda c: c["methods"]["cmus"].update(reference="best"),
-            "methods.cmus.reference: 'best' is not a variant; allowed values: ['concat']",
+            "methods.cmus.reference: 'best' is not a variant; "
+            "allowed values: ['concat', 'im', 'om', 'tem']",
         ),
         (
             lambda c: c["cohorts"].update(mine={"synthetic": False}),
@@ -88,7 +90,8 @@ def test_partial_config_gets_schema_defaults(demo_config):
         ),
         (
             lambda c: c["methods"]["cmus"]["variants"]["concat"].update(model="resnet"),
-            "methods.cmus.variants.concat.model: 'resnet' is not allowed; allowed values: ['cmus_concat']",
+            "methods.cmus.variants.concat.model: 'resnet' is not allowed; "
+            "allowed values: ['cmus_concat']",
         ),
     ],
 )

@@ -129,19 +129,19 @@ def test_valid_cohort_columns_rows_and_checksums(cohort: Path) -> None:
         ("P2", "TEM"),
     ]
     p2_tem = frame[(frame["patient_id"] == "P2") & (frame["modality"] == "TEM")]
-    assert list(p2_tem["image_id"]) == ["p2_tem_a", "p2_tem_b"]  # sorted by path
-    assert frame.loc[frame["modality"] == "CT", "image_id"].item() == "p1_ct"
+    assert list(p2_tem["image_id"]) == ["tem/p2_tem_a", "tem/p2_tem_b"]  # sorted by path
+    assert frame.loc[frame["modality"] == "CT", "image_id"].item() == "ct/p1_ct"
     for row in frame.itertuples():
         assert Path(row.path).is_absolute()
         assert Path(row.path) == Path(row.path).resolve()
         assert row.sha256 == hashlib.sha256(Path(row.path).read_bytes()).hexdigest()
     sizes = {row.image_id: (row.width_px, row.height_px) for row in frame.itertuples()}
-    assert sizes["p1_om"] == (48, 40)
-    assert sizes["p1_im"] == (40, 36)
-    assert sizes["p1_tem"] == (64, 50)
-    assert sizes["p1_ct"] == (20, 24)
-    assert sizes["p2_om"] == (50, 60)
-    assert sizes["p2_tem_b"] == (33, 80)
+    assert sizes["om/p1_om"] == (48, 40)
+    assert sizes["im/p1_im"] == (40, 36)
+    assert sizes["tem/p1_tem"] == (64, 50)
+    assert sizes["ct/p1_ct"] == (20, 24)
+    assert sizes["om/p2_om"] == (50, 60)
+    assert sizes["tem/p2_tem_b"] == (33, 80)
     p1 = frame[frame["patient_id"] == "P1"].iloc[0]
     assert (p1["disease"], p1["mn_stage"], p1["survival_months"], p1["event"]) == (
         "IgAN",
@@ -271,13 +271,26 @@ def test_duplicate_image_paths(cohort: Path) -> None:
     assert "p1_im.png on rows [3, 10]" in message
 
 
-def test_duplicate_image_ids(cohort: Path) -> None:
+def test_image_ids_keep_the_folder_below_the_root(cohort: Path) -> None:
     _rgb(cohort / "other" / "p1_im.png")
     extra = {"patient_id": "P2", "modality": "IM", "path": "other/p1_im.png"}
     _edit_tsv(cohort / "images.tsv", lambda t: pd.concat([t, pd.DataFrame([extra])]))
+    frame = build_manifest(cohort_root=cohort, rules=RULES)
+    assert {"im/p1_im", "other/p1_im"} <= set(frame["image_id"])
+
+
+def test_duplicate_image_ids(cohort: Path) -> None:
+    # ids are paths below the cohort folder, so only a file outside it can clash by stem
+    for folder in ("elsewhere", "elsewhere_too"):
+        _rgb(cohort.parent / folder / "p1_im.png")
+    extra = [
+        {"patient_id": "P2", "modality": "IM", "path": str(cohort.parent / folder / "p1_im.png")}
+        for folder in ("elsewhere", "elsewhere_too")
+    ]
+    _edit_tsv(cohort / "images.tsv", lambda t: pd.concat([t, pd.DataFrame(extra)]))
     message = _error(cohort_root=cohort)
     assert "images.tsv" in message and "duplicate image ids" in message
-    assert "p1_im on rows [3, 10] (patients ['P1', 'P2'])" in message
+    assert "p1_im on rows [10, 11] (patients ['P2'])" in message
 
 
 def test_inconsistent_labels_in_user_manifest(cohort: Path, tmp_path: Path) -> None:

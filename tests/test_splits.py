@@ -208,6 +208,21 @@ def test_make_splits_excludes_empty_labels() -> None:
     assert splits["label"] == "mn_stage"
 
 
+def test_make_splits_ignores_other_types_keys() -> None:
+    # the config schema fills every scheme with the defaults of all scheme types
+    scheme = {
+        "type": "kfold",
+        "n_folds": 3,
+        "val_fraction": 0.0,
+        "n_repeats": 10,
+        "fractions": [0.6, 0.1, 0.3],
+        "label": "disease",
+    }
+    splits = make_splits(_manifest(), "k", scheme, seed=0)
+    assert splits["params"] == {"n_folds": 3, "val_fraction": 0.0}
+    assert len(splits["folds"]) == 3
+
+
 def test_make_splits_errors() -> None:
     manifest = _manifest()
     with pytest.raises(ValueError, match=r"scheme 'x': type must be one of .* got 'loo'"):

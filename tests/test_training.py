@@ -73,18 +73,18 @@ def test_flips_are_seeded_and_only_with_a_generator():
 def _patterned_samples(n_per_class, seed):
     """Class k lights up quadrant k of the IM image and of every TEM image (plus noise)."""
     generator = torch.Generator().manual_seed(seed)
+
+    def images(label, n):
+        pixels = torch.randint(0, 60, (n, 3, 32, 32), generator=generator)
+        row, col = divmod(label, 2)
+        pixels[:, :, row * 16 : row * 16 + 16, col * 16 : col * 16 + 16] += 180
+        return pixels.to(torch.uint8)
+
     samples = []
     for index in range(3 * n_per_class):
         label = index % 3
-
-        def image(n):
-            pixels = torch.randint(0, 60, (n, 3, 32, 32), generator=generator)
-            row, col = divmod(label, 2)
-            pixels[:, :, row * 16 : row * 16 + 16, col * 16 : col * 16 + 16] += 180
-            return pixels.to(torch.uint8)
-
         om = torch.randint(0, 255, (3, 32, 32), generator=generator, dtype=torch.uint8)
-        samples.append(PatientSample(f"p{index}", label, om, image(1)[0], image(3)))
+        samples.append(PatientSample(f"p{index}", label, om, images(label, 1)[0], images(label, 3)))
     return samples
 
 

@@ -43,14 +43,6 @@ TINY_CONFIG = {
             "split": "kfold3",
             "preprocess": {"image_size_px": 32, "tem_legend_px": 4},
             "train": {"epochs": 2, "batch_size": 4},
-            "variants": {
-                "om_only": {
-                    "model": "cmus_concat",
-                    "encoder": "test_convnext",
-                    "hidden_dim": 16,
-                    "modalities": ["OM"],
-                },
-            },
         }
     },
 }
@@ -118,14 +110,15 @@ def test_dag_outputs_are_complete_and_consistent(tiny_run):
     fold_all = pd.read_csv(results / "cmus/fold_all.tsv", sep="\t")
     assert list(fold_all.columns) == ["method", "variant", "fold", "metric", "value"]
     metrics = {"ACC", "AUC", "PRE", "REC", "SPE", "F1"}
-    for variant in ("concat", "om_only"):
+    variants = ("concat", "om", "im", "tem")  # config/methods/cmus.yaml
+    for variant in variants:
         rows = fold_all[fold_all["variant"] == variant]
         assert set(rows["fold"]) == {0, 1, 2}
         assert all(set(group["metric"]) == metrics for _, group in rows.groupby("fold"))
-    assert len(fold_all) == 2 * 3 * 6
+    assert len(fold_all) == len(variants) * 3 * 6
     assert fold_all["value"].between(0, 1).all()
 
-    for variant in ("concat", "om_only"):
+    for variant in variants:
         predictions = pd.concat(
             pd.read_csv(results / f"cmus/{variant}/fold_{k}/predictions.tsv", sep="\t")
             for k in range(3)
@@ -138,7 +131,8 @@ def test_dag_outputs_are_complete_and_consistent(tiny_run):
         fold_dir = results / f"cmus/{variant}/fold_0"
         assert len(pd.read_csv(fold_dir / "train_log.tsv", sep="\t")) == 2  # epochs
         weights = load_file(str(fold_dir / "model.safetensors"))
-        assert any(key.startswith("encoders.OM.") for key in weights)
+        modalities = {key.split(".")[1] for key in weights if key.startswith("encoders.")}
+        assert modalities == ({"OM", "IM", "TEM"} if variant == "concat" else {variant.upper()})
         resolved = yaml.safe_load((fold_dir / "config.yaml").read_text())
         assert (
             resolved["variant"] == variant and len(resolved["inputs"]["manifest"]["sha256"]) == 64

@@ -135,7 +135,9 @@ def _cross_reference_problems(config: Mapping) -> Iterable[str]:
     schemes = config.get("splits", {}).get("schemes", {})
     for name, cohort in cohorts.items():
         if not cohort.get("synthetic") and not (cohort.get("root") or cohort.get("manifest")):
-            yield f"cohorts.{name}: give `root` (cohort folder) or `manifest` (TSV), or set synthetic"
+            yield (
+                f"cohorts.{name}: give `root` (cohort folder) or `manifest` (TSV), or set synthetic"
+            )
         if cohort.get("root") and cohort.get("manifest"):
             yield f"cohorts.{name}: give either `root` or `manifest`, not both"
     for method, settings in config.get("methods", {}).items():

@@ -29,8 +29,9 @@ stops at the first kind of problem with a :class:`ManifestError` that lists ever
 that kind (up to :data:`MAX_LISTED`), naming the file, the row or patient, and the problem.
 
 The manifest columns, in order, are :data:`MANIFEST_COLUMNS`; rows are sorted by
-``patient_id, modality, path``; ``path`` is absolute and resolved; ``image_id`` is the file
-stem (``ct.nii.gz`` -> ``ct``) and unique in the cohort; ``sha256`` of a DICOM series folder
+``patient_id, modality, path``; ``path`` is absolute and resolved; ``image_id`` is the path
+below the cohort folder without its suffix (``ct/P001.nii.gz`` -> ``ct/P001``; the file stem
+for images outside it) and unique in the cohort; ``sha256`` of a DICOM series folder
 is the SHA-256 of its sorted ``<name> <sha256>`` lines.
 """
 
@@ -344,7 +345,7 @@ def _check_images_table(
         raise ManifestError(_listing(path, "images of patients not in the clinical table", lines))
 
     images["path"] = [str(_resolve(base, p)) for p in images["path"]]
-    images["image_id"] = [image_stem(p) for p in images["path"]]
+    images["image_id"] = [_image_id(base, Path(p)) for p in images["path"]]
     for column, what in (("path", "duplicate image paths"), ("image_id", "duplicate image ids")):
         duplicated = images[images[column].duplicated(keep=False)]
         if len(duplicated):
@@ -355,6 +356,19 @@ def _check_images_table(
             ]
             raise ManifestError(_listing(path, what, lines))
     return images
+
+
+def _image_id(base: Path, path: Path) -> str:
+    """The path below the cohort folder without its suffix (``om/P001``), else the stem.
+
+    Keeping the folder makes ids unique in the common layouts with one folder per modality
+    (``om/P001.jpg``, ``im/P001.jpg``) or per patient (``P001/om.jpg``).
+    """
+    try:
+        relative = path.relative_to(base.resolve())
+    except ValueError:
+        return image_stem(path)
+    return (relative.parent / image_stem(relative)).as_posix()
 
 
 def _resolve(base: Path, raw: str) -> Path:

@@ -191,7 +191,9 @@ def make_splits(
             f"scheme {scheme_name!r}: type must be one of {list(SCHEME_TYPES)}, got {scheme_type!r}"
         )
     label = scheme.get("label", "disease")
-    allowed = {"type", "label", *_SCHEME_PARAMS[scheme_type]}
+    # keys of the other scheme types are tolerated (the config schema fills every default) and
+    # left out of the result; a key no scheme type knows is a typo.
+    allowed = {"type", "label", *(key for keys in _SCHEME_PARAMS.values() for key in keys)}
     unknown = sorted(set(scheme) - allowed)
     if unknown:
         raise ValueError(

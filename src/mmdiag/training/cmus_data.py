@@ -111,7 +111,10 @@ def collate_patients(
     std: Sequence[float],
     augment_generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Stack patients into a batch (see :mod:`mmdiag.models.cmus`); flips when a generator is given."""
+    """Stack patients into a batch (see :mod:`mmdiag.models.cmus`).
+
+    With ``augment_generator`` every image is flipped at random (training only).
+    """
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
     om = torch.stack([s.om for s in samples])

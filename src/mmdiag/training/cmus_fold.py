@@ -120,7 +120,7 @@ def run_cmus_fold(
         "n_patients": {"train": len(train), "val": len(val), "test": len(test)},
         "versions": {
             "mmdiag": mmdiag.__version__,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "python": platform.python_version(),
         },
     }

@@ -1,0 +1,94 @@
+"""The command line: help texts and clear, file-naming errors with a non-zero exit code."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from mmdiag.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = [
+    "--config",
+    str(ROOT / "config/config.yaml"),
+    "--config",
+    str(ROOT / "config/methods/cmus.yaml"),
+]
+runner = CliRunner()
+
+
+def test_help_lists_one_command_per_stage():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("synth", "manifest", "splits", "train", "aggregate", "check-config"):
+        assert command in result.output
+
+
+def test_check_config_prints_resolved_defaults():
+    result = runner.invoke(app, ["check-config", *CONFIG])
+    assert result.exit_code == 0, result.output
+    assert "modalities:" in result.output  # a default filled in from the schema
+
+
+def test_check_config_names_the_bad_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods:\n  cmus:\n    train:\n      epochs: -1\n")
+    result = runner.invoke(app, ["check-config", *CONFIG, "--config", str(bad)])
+    assert result.exit_code == 1
+    assert "methods.cmus.train.epochs" in result.output
+
+
+def test_manifest_error_names_the_file(tmp_path):
+    result = runner.invoke(
+        app, ["manifest", "--root", str(tmp_path), "--out", str(tmp_path / "m.tsv"), *CONFIG]
+    )
+    assert result.exit_code == 1
+    assert "clinical.tsv" in result.output
+    assert not (tmp_path / "m.tsv").exists()
+
+
+def test_splits_rejects_an_unknown_scheme(tmp_path):
+    manifest = tmp_path / "manifest.tsv"
+    pd.DataFrame({"patient_id": ["a"], "disease": ["MN"]}).to_csv(manifest, sep="\t", index=False)
+    result = runner.invoke(
+        app,
+        [
+            "splits",
+            "--manifest",
+            str(manifest),
+            "--scheme",
+            "nope",
+            "--out",
+            str(tmp_path / "s.json"),
+            *CONFIG,
+        ],
+    )
+    assert result.exit_code == 1
+    assert "unknown split scheme 'nope'" in result.output
+
+
+def test_train_rejects_an_unknown_variant(tmp_path):
+    settings = json.dumps({"methods": {"cmus": {"variants": {"concat": {}}}}, "manifest": {}})
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--method",
+            "cmus",
+            "--variant",
+            "nope",
+            "--fold",
+            "0",
+            "--manifest",
+            "m.tsv",
+            "--splits",
+            "s.json",
+            "--out",
+            str(tmp_path),
+            "--settings-json",
+            settings,
+        ],
+    )
+    assert result.exit_code == 1
+    assert "unknown variant 'nope'; configured: ['concat']" in result.output
