@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/snakemake --cores $(CORES) results/cmus/fold_all.tsv
+	$(BIN)/snakemake --cores $(CORES) results/cmus/fold_all.tsv results/cmus/table.md
 
 test: install
 	$(BIN)/python -m pytest

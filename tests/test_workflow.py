@@ -90,6 +90,7 @@ def tiny_run(tmp_path_factory):
         "tiny.yaml",
         "--show-failed-logs",
         "results/cmus/fold_all.tsv",
+        "results/cmus/table.md",
     ]
     result = _run(command, workdir)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
@@ -137,6 +138,23 @@ def test_dag_outputs_are_complete_and_consistent(tiny_run):
         assert (
             resolved["variant"] == variant and len(resolved["inputs"]["manifest"]["sha256"]) == 64
         )
+
+
+@pytest.mark.integration
+def test_dag_writes_the_paper_table(tiny_run):
+    workdir, _ = tiny_run
+    results = workdir / "results/cmus"
+    table = (results / "table.md").read_text()
+    for label in ("OM + IM + TEM (concat)", "OM only", "IM only", "TEM only"):
+        assert f"| {label} |" in table
+    assert table.count("Ref.") >= 1 and "p-value (paired_ttest)" in table
+    stats = pd.read_csv(results / "stats.tsv", sep="\t")
+    assert sorted(set(stats["variant"])) == ["im", "om", "tem"]
+    assert set(stats["test"]) == {"paired_ttest", "wilcoxon"}
+    assert (stats["n"] == 3).all()
+    summary = pd.read_csv(results / "summary.tsv", sep="\t")
+    assert len(summary) == 4 * 6 and (summary["n_folds"] == 3).all()
+    assert (results / "table.tex").read_text().startswith("\\begin{table}")
 
 
 @pytest.mark.integration

@@ -2,4 +2,5 @@
 
 from mmdiag.cli import app
 
-app(prog_name="mmdiag")
+if __name__ == "__main__":
+    app(prog_name="mmdiag")

@@ -225,5 +225,33 @@ def aggregate(
     log.info("%s: %d rows\n%s", out, len(table), means.round(4).to_string())
 
 
+@app.command()
+def tables(
+    method: Annotated[str, typer.Option(help="Method name (a key of methods).")],
+    fold_all: Annotated[Path, typer.Option(help="The method's fold_all.tsv.")],
+    out_dir: Annotated[
+        Path, typer.Option(help="Folder for summary.tsv, stats.tsv, table.md/.tex.")
+    ],
+    predictions: Annotated[
+        list[Path] | None, typer.Argument(help="predictions.tsv files (prediction-level tests).")
+    ] = None,
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """Summarise folds, test every variant against the reference, and render the paper table."""
+    from mmdiag.reporting.report import write_method_tables
+
+    settings = _settings(config, settings_json)
+    if method not in settings["methods"]:
+        _fail(f"unknown method {method!r}; configured: {sorted(settings['methods'])}")
+    try:
+        written = write_method_tables(
+            fold_all, predictions or [], settings["methods"][method], out_dir=out_dir
+        )
+    except ValueError as error:
+        _fail(str(error))
+    log.info("%s tables: %s\n%s", method, ", ".join(map(str, written)), written[2].read_text())
+
+
 if __name__ == "__main__":
     app()

@@ -152,6 +152,12 @@ def _cross_reference_problems(config: Mapping) -> Iterable[str]:
                 f"allowed values: {sorted(schemes)}"
             )
         variants = settings.get("variants", {})
+        unknown_labels = sorted(set(settings.get("table", {}).get("labels", {})) - set(variants))
+        if unknown_labels:
+            yield (
+                f"methods.{method}.table.labels: {unknown_labels} are not variants; "
+                f"allowed values: {sorted(variants)}"
+            )
         if settings.get("reference") not in variants:
             yield (
                 f"methods.{method}.reference: {settings.get('reference')!r} is not a variant; "

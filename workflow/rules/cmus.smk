@@ -1,4 +1,4 @@
-# CMUS-Net (OM + IM + TEM bag): per-fold training of every variant, then fold_all.tsv.
+# CMUS-Net (OM + IM + TEM bag): per-fold training of every variant, fold_all.tsv, tables.
 
 
 rule cmus_train_fold:
@@ -35,7 +35,7 @@ rule cmus_train_fold:
 
 rule cmus_fold_all:
     input:
-        metrics=get_method_fold_metrics("cmus"),
+        metrics=get_method_fold_files("cmus", "metrics.tsv"),
     output:
         fold_all="results/cmus/fold_all.tsv",
     log:
@@ -49,3 +49,33 @@ rule cmus_fold_all:
         gpu=0,
     shell:
         "python -m mmdiag aggregate {input.metrics} --out {output.fold_all} > {log} 2>&1"
+
+
+rule cmus_tables:
+    input:
+        fold_all="results/cmus/fold_all.tsv",
+        predictions=get_method_fold_files("cmus", "predictions.tsv"),
+    output:
+        summary="results/cmus/summary.tsv",
+        stats="results/cmus/stats.tsv",
+        table_md=report(
+            "results/cmus/table.md",
+            caption="../report/cmus_table.rst",
+            category="CMUS-Net",
+        ),
+        table_tex="results/cmus/table.tex",
+    log:
+        "logs/cmus_tables/cmus.log",
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+        gpu=0,
+    params:
+        out=subpath(output.summary, parent=True),
+        settings=lambda wildcards: method_settings_json("cmus"),
+    shell:
+        "python -m mmdiag tables --method cmus --fold-all {input.fold_all} --out-dir {params.out}"
+        " --settings-json {params.settings:q} {input.predictions} > {log} 2>&1"

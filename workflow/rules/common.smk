@@ -69,14 +69,15 @@ def n_folds(scheme):
     }[settings["type"]]
 
 
-def get_method_fold_metrics(method):
-    """Every variant x fold metrics file of a method."""
+def get_method_fold_files(method, name):
+    """A per-fold file (metrics.tsv, predictions.tsv) of every variant x fold of a method."""
     settings = config["methods"][method]
     return expand(
-        "results/{method}/{variant}/fold_{fold}/metrics.tsv",
+        "results/{method}/{variant}/fold_{fold}/{name}",
         method=method,
         variant=list(settings["variants"]),
         fold=range(n_folds(settings["split"])),
+        name=name,
     )
 
 
@@ -90,5 +91,9 @@ def get_method_inputs(method):
 
 
 def get_final_outputs():
-    """Final targets: each configured method's fold_all.tsv."""
-    return [f"results/{method}/fold_all.tsv" for method in config["methods"]]
+    """Final targets: each configured method's fold_all.tsv and paper table."""
+    return [
+        f"results/{method}/{name}"
+        for method in config["methods"]
+        for name in ("fold_all.tsv", "table.md")
+    ]

@@ -1,0 +1,153 @@
+"""Fold summaries, comparisons against the reference row, and the rendered tables."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from mmdiag.reporting import compare_to_reference, render_latex, render_markdown, summarise_folds
+from mmdiag.reporting.report import write_method_tables
+
+FOLD_VALUES = {  # variant -> fold AUCs
+    "ref": [0.90, 0.92, 0.95, 0.91, 0.93],
+    "weak": [0.70, 0.75, 0.72, 0.71, 0.74],
+    "close": [0.91, 0.90, 0.96, 0.90, 0.94],
+}
+
+
+def _fold_all() -> pd.DataFrame:
+    rows = []
+    for variant, values in FOLD_VALUES.items():
+        for fold, value in enumerate(values):
+            rows.append(("m", variant, fold, "AUC", value))
+            rows.append(("m", variant, fold, "ACC", value - 0.1))
+    return pd.DataFrame(rows, columns=["method", "variant", "fold", "metric", "value"])
+
+
+def _options(**changes):
+    options = dict(
+        metrics=["ACC", "AUC"],
+        reference="ref",
+        test="paired_ttest",
+        scale=100,
+        digits=2,
+        labels={"ref": "Reference_net"},
+    )
+    return options | changes
+
+
+def test_summary_uses_sample_standard_deviation():
+    summary = summarise_folds(_fold_all())
+    row = summary[(summary["variant"] == "weak") & (summary["metric"] == "AUC")].iloc[0]
+    values = FOLD_VALUES["weak"]
+    assert row["mean"] == pytest.approx(np.mean(values))
+    assert row["std"] == pytest.approx(np.std(values, ddof=1))
+    assert row["n_folds"] == 5
+
+
+def test_paired_ttest_against_the_reference_matches_scipy():
+    table = compare_to_reference(_fold_all(), None, reference="ref", tests=["paired_ttest"])
+    assert list(table["variant"]) == ["weak", "close"]
+    for variant in ("weak", "close"):
+        expected = scipy_stats.ttest_rel(FOLD_VALUES[variant], FOLD_VALUES["ref"])
+        row = table[table["variant"] == variant].iloc[0]
+        assert row["statistic"] == pytest.approx(expected.statistic, rel=1e-12)
+        assert row["p_value"] == pytest.approx(expected.pvalue, rel=1e-12)
+    marks = dict(zip(table["variant"], table["mark"], strict=True))
+    assert marks == {"weak": "*", "close": "N.S."}
+
+
+def _binary_predictions(n=80, seed=0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    frames = []
+    for variant, noise in (("ref", 0.5), ("weak", 3.0)):
+        score = 1 / (1 + np.exp(-(2 * y - 1 + rng.normal(0, noise, n))))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "patient_id": [f"p{i}" for i in range(n)],
+                    "fold": np.arange(n) % 4,
+                    "variant": variant,
+                    "y_true": y,
+                    "y_pred": (score > 0.5).astype(int),
+                    "prob_neg": 1 - score,
+                    "prob_pos": score,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_prediction_level_tests_use_pooled_predictions():
+    predictions = _binary_predictions()
+    fold_all = _fold_all()
+    fold_all = fold_all[fold_all["variant"] != "close"]
+    table = compare_to_reference(
+        fold_all,
+        predictions,
+        reference="ref",
+        tests=["delong", "bootstrap", "mcnemar"],
+        n_boot=500,
+    )
+    assert list(table["test"]) == ["delong", "bootstrap", "mcnemar"]
+    assert (table["n"] == 80).all()
+    assert (table["p_value"].between(0, 1)).all()
+    delong = table[table["test"] == "delong"].iloc[0]
+    assert delong["statistic"] < 0 and delong["mark"] == "*"  # the weak variant is worse
+
+
+def test_prediction_tests_refuse_mismatched_or_multiclass_predictions():
+    predictions = _binary_predictions()
+    fold_all = _fold_all()[lambda t: t["variant"] != "close"]
+    with pytest.raises(ValueError, match="same patients"):
+        compare_to_reference(fold_all, predictions.iloc[:-1], reference="ref", tests=["mcnemar"])
+    three = predictions.assign(prob_other=0.0)
+    with pytest.raises(ValueError, match="binary"):
+        compare_to_reference(fold_all, three, reference="ref", tests=["delong"])
+    with pytest.raises(ValueError, match="unknown test"):
+        compare_to_reference(fold_all, predictions, reference="ref", tests=["anova"])
+
+
+def test_markdown_table_is_paper_shaped():
+    fold_all = _fold_all()
+    stats = compare_to_reference(fold_all, None, reference="ref", tests=["paired_ttest"])
+    text = render_markdown(summarise_folds(fold_all), stats, title="Table", **_options())
+    lines = text.splitlines()
+    assert lines[2] == "| Variant | ACC | AUC | p-value (paired_ttest) |"
+    reference_row = next(line for line in lines if line.startswith("| Reference_net"))
+    close_row = next(line for line in lines if line.startswith("| close"))
+    weak_row = next(line for line in lines if line.startswith("| weak"))
+    # ref has the best ACC and AUC means: bold, and Ref. in the p-value column
+    mean, std = np.mean(FOLD_VALUES["ref"]) * 100, np.std(FOLD_VALUES["ref"], ddof=1) * 100
+    assert f"**{mean:.2f} ± {std:.2f}**" in reference_row and reference_row.endswith("Ref. |")
+    assert "**" not in weak_row and weak_row.endswith("<0.001 * |")
+    assert close_row.endswith("N.S. |")
+    assert "sample standard deviation (ddof = 1) over 5 folds in %" in text
+
+
+def test_latex_table_escapes_and_bolds():
+    fold_all = _fold_all()
+    stats = compare_to_reference(fold_all, None, reference="ref", tests=["paired_ttest"])
+    text = render_latex(summarise_folds(fold_all), stats, title="Table 5", **_options())
+    assert r"\begin{tabular}{lccc}" in text and r"\toprule" in text
+    assert r"Reference\_net & \textbf{" in text
+    assert r"$\pm$" in text and "±" not in text
+    assert r"$<$0.001 *" in text
+
+
+def test_write_method_tables_writes_four_files(tmp_path):
+    fold_all_path = tmp_path / "fold_all.tsv"
+    _fold_all().to_csv(fold_all_path, sep="\t", index=False)
+    settings = {
+        "reference": "ref",
+        "stats": {"tests": ["paired_ttest", "wilcoxon"], "metric": "AUC", "n_boot": 10, "seed": 0},
+        "table": {"title": "T", "metrics": ["AUC"], "scale": 100, "digits": 1, "labels": {}},
+    }
+    paths = write_method_tables(fold_all_path, [], settings, out_dir=tmp_path / "out")
+    assert [p.name for p in paths] == ["summary.tsv", "stats.tsv", "table.md", "table.tex"]
+    stats = pd.read_csv(paths[1], sep="\t")
+    assert sorted(stats["test"]) == ["paired_ttest", "paired_ttest", "wilcoxon", "wilcoxon"]
+    settings["stats"]["tests"] = ["delong"]
+    with pytest.raises(ValueError, match="predictions.tsv"):
+        write_method_tables(fold_all_path, [], settings, out_dir=tmp_path / "out2")
