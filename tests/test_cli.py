@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from mmdiag.cli import app
@@ -92,3 +93,37 @@ def test_train_rejects_an_unknown_variant(tmp_path):
     )
     assert result.exit_code == 1
     assert "unknown variant 'nope'; configured: ['concat']" in result.output
+
+
+def test_tables_writes_the_paper_table(tmp_path):
+    rows = [
+        ("cmus", variant, fold, metric, base + 0.01 * fold)
+        for variant, base in (("concat", 0.9), ("om", 0.6), ("im", 0.7), ("tem", 0.8))
+        for fold in range(5)
+        for metric in ("ACC", "AUC", "PRE", "REC", "SPE", "F1")
+    ]
+    fold_all = tmp_path / "fold_all.tsv"
+    pd.DataFrame(rows, columns=["method", "variant", "fold", "metric", "value"]).to_csv(
+        fold_all, sep="\t", index=False
+    )
+    command = [
+        "tables",
+        "--method",
+        "cmus",
+        "--fold-all",
+        str(fold_all),
+        "--out-dir",
+        str(tmp_path),
+        *CONFIG,
+    ]
+    # every variant's folds differ from the reference's by a constant: the t-test is undefined
+    with pytest.warns(RuntimeWarning, match="essentially constant"):
+        result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "table.md").read_text()
+    # mean 0.92 and sample standard deviation 0.0158 over folds 0.90..0.94, in %
+    assert table.count("| OM + IM + TEM (concat) | **92.00 ± 1.58** |") == 1
+    assert "| 82.00 ± 1.58 | Ref." not in table and "| **92.00 ± 1.58** | Ref. |" in table
+    stats = pd.read_csv(tmp_path / "stats.tsv", sep="\t")
+    assert stats.loc[stats["test"] == "paired_ttest", "p_value"].isna().all()
+    assert "| TEM only | 82.00 ± 1.58 |" in table and table.count("| n/a |") == 3
