@@ -144,8 +144,12 @@ def test_write_method_tables_writes_four_files(tmp_path):
         "stats": {"tests": ["paired_ttest", "wilcoxon"], "metric": "AUC", "n_boot": 10, "seed": 0},
         "table": {"title": "T", "metrics": ["AUC"], "scale": 100, "digits": 1, "labels": {}},
     }
+    settings["variants"] = {"close": {}, "ref": {}, "weak": {}}
     paths = write_method_tables(fold_all_path, [], settings, out_dir=tmp_path / "out")
     assert [p.name for p in paths] == ["summary.tsv", "stats.tsv", "table.md", "table.tex"]
+    lines = paths[2].read_text().splitlines()
+    rows = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "±" in line]
+    assert rows == ["| close", "| ref", "| weak"]  # the config's order, not the file's
     stats = pd.read_csv(paths[1], sep="\t")
     assert sorted(stats["test"]) == ["paired_ttest", "paired_ttest", "wilcoxon", "wilcoxon"]
     settings["stats"]["tests"] = ["delong"]

@@ -22,20 +22,17 @@ shell.prefix(
 
 
 def settings_json(*sections):
-    """The validated config sections a stage needs, as JSON for `--settings-json`."""
-    return json.dumps(
-        {section: config[section] for section in sections}, sort_keys=True
-    )
+    """The validated config sections a stage needs, as JSON for `--settings-json`.
+
+    Keys keep the config's order: variants are table rows in the order the config lists them.
+    """
+    return json.dumps({section: config[section] for section in sections})
 
 
 def method_settings_json(method):
     """A method's validated settings plus the manifest rules its trainer needs."""
     return json.dumps(
-        {
-            "methods": {method: config["methods"][method]},
-            "manifest": config["manifest"],
-        },
-        sort_keys=True,
+        {"methods": {method: config["methods"][method]}, "manifest": config["manifest"]}
     )
 
 

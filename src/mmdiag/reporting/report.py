@@ -47,7 +47,7 @@ def write_method_tables(
         n_boot=stats_settings["n_boot"],
         seed=stats_settings["seed"],
     )
-    summary = summarise_folds(fold_all)
+    summary = _in_config_order(summarise_folds(fold_all), list(method_settings["variants"]))
     options = dict(
         title=table_settings["title"],
         metrics=table_settings["metrics"],
@@ -65,3 +65,11 @@ def write_method_tables(
         with atomic_path(path) as tmp:
             tmp.write_text(render(summary, stats, **options))
     return paths
+
+
+def _in_config_order(summary: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
+    """Rows in the order the config lists the variants (others after them, as found)."""
+    found = list(dict.fromkeys(summary["variant"]))
+    order = [v for v in variants if v in found] + [v for v in found if v not in variants]
+    rank = summary["variant"].map({v: i for i, v in enumerate(order)})
+    return summary.assign(_rank=rank).sort_values("_rank", kind="stable").drop(columns="_rank")
