@@ -95,10 +95,20 @@ def test_train_rejects_an_unknown_variant(tmp_path):
     assert "unknown variant 'nope'; configured: ['concat']" in result.output
 
 
-def test_tables_writes_the_paper_table(tmp_path):
+def test_tables_writes_the_paper_tables(tmp_path):
     rows = [
         ("cmus", variant, fold, metric, base + 0.01 * fold)
-        for variant, base in (("concat", 0.9), ("om", 0.6), ("im", 0.7), ("tem", 0.8))
+        for variant, base in (
+            ("cmus_net", 0.9),
+            ("none", 0.6),
+            ("wl", 0.7),
+            ("cmsa", 0.8),
+            ("smil", 0.85),
+            ("om", 0.5),
+            ("im", 0.55),
+            ("tem", 0.65),
+            ("late_vote", 0.75),
+        )
         for fold in range(5)
         for metric in ("ACC", "AUC", "PRE", "REC", "SPE", "F1")
     ]
@@ -120,10 +130,13 @@ def test_tables_writes_the_paper_table(tmp_path):
     with pytest.warns(RuntimeWarning, match="essentially constant"):
         result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
-    table = (tmp_path / "table.md").read_text()
+    table2 = (tmp_path / "tables/table2.md").read_text()
     # mean 0.92 and sample standard deviation 0.0158 over folds 0.90..0.94, in %
-    assert table.count("| OM + IM + TEM (concat) | **92.00 ± 1.58** |") == 1
-    assert "| 82.00 ± 1.58 | Ref." not in table and "| **92.00 ± 1.58** | Ref. |" in table
+    assert "| SMIL + CMSA + WL | **92.00 ± 1.58** |" in table2
+    assert table2.rstrip().splitlines()[-3].endswith("Ref. |")  # the last row is the reference
+    table3 = (tmp_path / "tables/table3.md").read_text()
+    assert "| OM, IM, TEM (late vote) | 77.00 ± 1.58 |" in table3
     stats = pd.read_csv(tmp_path / "stats.tsv", sep="\t")
+    assert set(stats["table"]) == {"table2", "table3"}
     assert stats.loc[stats["test"] == "paired_ttest", "p_value"].isna().all()
-    assert "| TEM only | 82.00 ± 1.58 |" in table and table.count("| n/a |") == 3
+    assert table2.count("| n/a |") == 4

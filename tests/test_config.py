@@ -18,9 +18,12 @@ def demo_config():
 
 
 def _schema_nodes(node, path="$"):
-    """Every property schema below ``node`` with its dotted path."""
+    """Every property schema below ``node``, its dotted path and whether it needs a default."""
+    required = set(node.get("required", []))
+    overrides = node.get("description", "").startswith("Overrides")
     for key, child in node.get("properties", {}).items():
-        yield f"{path}.{key}", child
+        needs_default = key not in required and not overrides
+        yield f"{path}.{key}", child, needs_default
         yield from _schema_nodes(child, f"{path}.{key}")
     extra = node.get("additionalProperties")
     if isinstance(extra, dict):
@@ -30,19 +33,20 @@ def _schema_nodes(node, path="$"):
 
 
 def test_every_schema_key_is_described_with_a_default():
+    # required keys have no default, nor do the keys of per-variant override objects
     problems = []
-    for path, node in _schema_nodes(load_schema()):
+    for path, node, needs_default in _schema_nodes(load_schema()):
         if "description" not in node:
             problems.append(f"{path}: no description")
-        if "default" not in node and "$ref" not in node and not path.endswith(".type"):
-            if not path.endswith((".model",)):  # required keys have no default
-                problems.append(f"{path}: no default")
+        if needs_default and "default" not in node and "$ref" not in node:
+            problems.append(f"{path}: no default")
     assert not problems, problems
 
 
 def test_demo_config_validates_and_fills_defaults(demo_config):
     cmus = demo_config["methods"]["cmus"]
-    assert cmus["variants"]["concat"]["modalities"] == ["OM", "IM", "TEM"]  # a default
+    assert cmus["variants"]["cmus_net"]["modalities"] == ["OM", "IM", "TEM"]  # a default
+    assert cmus["variants"]["cmus_net"]["loss_weights"] == {"OM": 0.3, "IM": 0.5, "TEM": 0.2}
     assert demo_config["splits"]["schemes"]["kfold5"]["n_folds"] == 5
 
 
@@ -81,17 +85,16 @@ def test_partial_config_gets_schema_defaults(demo_config):
         ),
         (
             lambda c: c["methods"]["cmus"].update(reference="best"),
-            "methods.cmus.reference: 'best' is not a variant; "
-            "allowed values: ['concat', 'im', 'om', 'tem']",
+            "methods.cmus.reference: 'best' is not a variant; allowed values: ['cmsa', 'cmus_net',",
         ),
         (
             lambda c: c["cohorts"].update(mine={"synthetic": False}),
             "cohorts.mine: give `root` (cohort folder) or `manifest` (TSV)",
         ),
         (
-            lambda c: c["methods"]["cmus"]["variants"]["concat"].update(model="resnet"),
-            "methods.cmus.variants.concat.model: 'resnet' is not allowed; "
-            "allowed values: ['cmus_concat']",
+            lambda c: c["methods"]["cmus"]["variants"]["om"].update(model="resnet"),
+            "methods.cmus.variants.om.model: 'resnet' is not allowed; "
+            "allowed values: ['cmus_net', 'cmus_concat', 'late_vote']",
         ),
     ],
 )
@@ -122,6 +125,53 @@ def test_paper_config_holds_the_papers_settings():
     assert cmus["train"]["lr"] == cmus["train"]["weight_decay"] == 5e-5
     assert cmus["preprocess"]["image_size_px"] == 224
     assert cmus["preprocess"]["tem_legend_px"] == 108
-    assert cmus["variants"]["concat"]["encoder"] == "swin_base_patch4_window7_224"
     assert config["splits"]["schemes"][cmus["split"]]["n_folds"] == 5
     assert cmus["resources"]["gpu"] == 1
+    ref = cmus["variants"]["cmus_net"]
+    assert ref["encoder"] == "swin_base_patch4_window7_224"
+    assert (ref["smil"], ref["smil_threshold"], ref["fusion_attention"], ref["num_heads"]) == (
+        True,
+        1.5,
+        "cmsa",
+        4,
+    )
+    assert ref["weighted_loss"] and ref["loss_weights"] == {"OM": 0.3, "IM": 0.5, "TEM": 0.2}
+    # Table 2: all eight on/off combinations of SMIL, CMSA and WL
+    table2 = cmus["tables"]["table2"]["rows"]
+    combos = {
+        (
+            cmus["variants"][v]["smil"],
+            cmus["variants"][v]["fusion_attention"] == "cmsa",
+            cmus["variants"][v]["weighted_loss"],
+        )
+        for v in table2
+    }
+    assert len(table2) == 8 and len(combos) == 8
+    # Table 3: the seven modality combinations
+    assert {tuple(cmus["variants"][v]["modalities"]) for v in cmus["tables"]["table3"]["rows"]} == {
+        ("OM",),
+        ("IM",),
+        ("TEM",),
+        ("OM", "IM"),
+        ("OM", "TEM"),
+        ("IM", "TEM"),
+        ("OM", "IM", "TEM"),
+    }
+    # Fig. 6: 36 (alpha, beta, gamma) on the 0.1 grid, each summing to 1
+    grid = [v for k, v in cmus["variants"].items() if k.startswith("wl_a")]
+    assert len(grid) == 36
+    assert all(abs(sum(v["loss_weights"].values()) - 1) < 1e-9 for v in grid)
+    # MN staging on its own labels
+    assert config["methods"]["cmus_staging"]["task"] == "mn_stage"
+    staging_split = config["methods"]["cmus_staging"]["split"]
+    assert config["splits"]["schemes"][staging_split]["label"] == "mn_stage"
+
+
+def test_vote_members_and_loss_weights_are_checked(demo_config):
+    bad = copy.deepcopy(demo_config)
+    bad["methods"]["cmus"]["variants"]["late_vote"]["members"] = ["om", "ghost"]
+    bad["methods"]["cmus"]["variants"]["om"]["loss_weights"] = {"OM": 0.5, "IM": 0.5, "TEM": 0.5}
+    with pytest.raises(ConfigError) as error:
+        validate_config(bad)
+    assert "late_vote.members" in str(error.value) and "['ghost']" in str(error.value)
+    assert "variants.om.loss_weights: must sum to 1" in str(error.value)

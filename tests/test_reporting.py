@@ -136,22 +136,46 @@ def test_latex_table_escapes_and_bolds():
     assert r"$<$0.001 *" in text
 
 
-def test_write_method_tables_writes_four_files(tmp_path):
+def test_write_method_tables_writes_each_configured_table(tmp_path):
     fold_all_path = tmp_path / "fold_all.tsv"
     _fold_all().to_csv(fold_all_path, sep="\t", index=False)
     settings = {
         "reference": "ref",
+        "variants": {"close": {}, "ref": {}, "weak": {}},
         "stats": {"tests": ["paired_ttest", "wilcoxon"], "metric": "AUC", "n_boot": 10, "seed": 0},
-        "table": {"title": "T", "metrics": ["AUC"], "scale": 100, "digits": 1, "labels": {}},
+        "tables": {
+            "main": {"title": "T", "rows": ["weak", "close", "ref"], "metrics": ["AUC"]},
+            "pair": {
+                "title": "P",
+                "rows": ["close", "weak"],
+                "reference": "close",
+                "metrics": ["ACC"],
+            },
+        },
     }
-    settings["variants"] = {"close": {}, "ref": {}, "weak": {}}
     paths = write_method_tables(fold_all_path, [], settings, out_dir=tmp_path / "out")
-    assert [p.name for p in paths] == ["summary.tsv", "stats.tsv", "table.md", "table.tex"]
+    names = [p.relative_to(tmp_path / "out").as_posix() for p in paths]
+    assert names == [
+        "summary.tsv",
+        "stats.tsv",
+        "tables/main.md",
+        "tables/main.tex",
+        "tables/pair.md",
+        "tables/pair.tex",
+    ]
     lines = paths[2].read_text().splitlines()
     rows = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "±" in line]
-    assert rows == ["| close", "| ref", "| weak"]  # the config's order, not the file's
+    assert rows == ["| weak", "| close", "| ref"]  # the table's row order
     stats = pd.read_csv(paths[1], sep="\t")
-    assert sorted(stats["test"]) == ["paired_ttest", "paired_ttest", "wilcoxon", "wilcoxon"]
+    main = stats[stats["table"] == "main"]
+    assert sorted(main["test"]) == ["paired_ttest", "paired_ttest", "wilcoxon", "wilcoxon"]
+    pair = stats[stats["table"] == "pair"]
+    assert set(pair["variant"]) == {"weak"} and set(pair["reference"]) == {"close"}
+    assert "Ref." in paths[4].read_text() and "| ref |" not in paths[4].read_text()
     settings["stats"]["tests"] = ["delong"]
     with pytest.raises(ValueError, match="predictions.tsv"):
         write_method_tables(fold_all_path, [], settings, out_dir=tmp_path / "out2")
+    settings["stats"]["tests"] = ["paired_ttest"]
+    settings["tables"]["main"]["rows"].append("ghost")
+    with pytest.raises(ValueError, match="ghost"):
+        write_method_tables(fold_all_path, [], settings, out_dir=tmp_path / "out3")

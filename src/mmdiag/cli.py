@@ -175,6 +175,9 @@ def train(
     manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
     splits_path: Annotated[Path, typer.Option("--splits", help="Split JSON.")],
     out: Annotated[Path, typer.Option(help="Fold output folder.")],
+    glomeruli: Annotated[
+        Path | None, typer.Option(help="glomeruli.tsv of the segmentation step (OM crops).")
+    ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
     config: ConfigFiles = None,
     settings_json: SettingsJson = None,
@@ -191,8 +194,10 @@ def train(
     threads = threads or method_settings["train"].get("num_threads", 0)
     if threads:
         torch.set_num_threads(threads)
-    if method != "cmus":
+    if not method.startswith("cmus"):
         _fail(f"method {method!r} has no trainer yet")
+    if method_settings["variants"][variant]["model"] == "late_vote":
+        _fail(f"variant {variant!r} is a late vote: run `mmdiag vote`, not `mmdiag train`")
     from mmdiag.training.cmus_fold import run_cmus_fold
 
     run_cmus_fold(
@@ -204,6 +209,73 @@ def train(
         manifest_rules=settings["manifest"],
         out_dir=out,
         method=method,
+        glomeruli_path=glomeruli,
+    )
+
+
+@app.command()
+def vote(
+    method: Annotated[str, typer.Option(help="Method name (a key of methods).")],
+    variant: Annotated[str, typer.Option(help="A late_vote variant.")],
+    fold: Annotated[int, typer.Option(help="Fold index.")],
+    out: Annotated[Path, typer.Option(help="Fold output folder.")],
+    members: Annotated[
+        list[Path], typer.Argument(help="predictions.tsv of each member variant, this fold.")
+    ],
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """Late fusion: majority vote of trained variants' predictions on one fold (no training)."""
+    from mmdiag.training.cmus_fold import run_vote_fold
+
+    settings = _settings(config, settings_json)
+    method_settings = settings["methods"].get(method)
+    if method_settings is None or variant not in method_settings["variants"]:
+        _fail(f"unknown method/variant {method!r}/{variant!r}")
+    names = method_settings["variants"][variant]["members"]
+    if len(members) != len(names):
+        _fail(f"variant {variant!r} votes over {names}; got {len(members)} prediction files")
+    run_vote_fold(
+        member_predictions=dict(zip(names, members, strict=True)),
+        fold=fold,
+        variant=variant,
+        method_settings=method_settings,
+        manifest_rules=settings["manifest"],
+        out_dir=out,
+        method=method,
+    )
+
+
+@app.command()
+def segment(
+    manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
+    out_dir: Annotated[Path, typer.Option(help="Folder for masks/, qc/ and glomeruli.tsv.")],
+    method: Annotated[str, typer.Option(help="Method whose segmentation settings apply.")] = "cmus",
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """Segment the glomerulus of every OM image: SAM with a checkpoint, else classical masks."""
+    from mmdiag.data.manifest import read_manifest
+    from mmdiag.io import write_tsv
+    from mmdiag.segment import segment_cohort
+
+    segmentation = _settings(config, settings_json)["methods"][method]["segmentation"]
+    table = segment_cohort(
+        read_manifest(manifest_path),
+        out_dir,
+        prompts_tsv=Path(segmentation["prompts"]) if segmentation["prompts"] else None,
+        sam_checkpoint=(
+            Path(segmentation["sam_checkpoint"]) if segmentation["sam_checkpoint"] else None
+        ),
+        sam_model_type=segmentation["sam_model_type"],
+        crop_margin=segmentation["crop_margin"],
+    )
+    write_tsv(table, out_dir / "glomeruli.tsv")
+    log.info(
+        "segmented %d OM images (%s) into %s",
+        len(table),
+        ", ".join(f"{k} {v}" for k, v in table["method"].value_counts().items()),
+        out_dir,
     )
 
 

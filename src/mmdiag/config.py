@@ -74,6 +74,8 @@ def validate_config(config: Mapping, *, source: str = "config") -> dict:
     validator = jsonschema.Draft202012Validator(schema)
     problems = [_describe(error) for error in validator.iter_errors(config)]
     if not problems:
+        for settings in config.get("methods", {}).values():
+            _expand_loss_weight_grid(settings, schema)
         problems = list(_cross_reference_problems(config))
     if problems:
         listing = "\n".join(f"  - {problem}" for problem in sorted(set(problems)))
@@ -152,14 +154,64 @@ def _cross_reference_problems(config: Mapping) -> Iterable[str]:
                 f"allowed values: {sorted(schemes)}"
             )
         variants = settings.get("variants", {})
-        unknown_labels = sorted(set(settings.get("table", {}).get("labels", {})) - set(variants))
-        if unknown_labels:
-            yield (
-                f"methods.{method}.table.labels: {unknown_labels} are not variants; "
-                f"allowed values: {sorted(variants)}"
-            )
-        if settings.get("reference") not in variants:
-            yield (
-                f"methods.{method}.reference: {settings.get('reference')!r} is not a variant; "
-                f"allowed values: {sorted(variants)}"
-            )
+        yield from _variant_problems(method, settings, variants)
+
+
+def _variant_problems(method: str, settings: Mapping, variants: Mapping) -> Iterable[str]:
+    """The reference, table rows and vote members must name variants."""
+    where = f"methods.{method}"
+    if settings.get("reference") not in variants:
+        yield (
+            f"{where}.reference: {settings.get('reference')!r} is not a variant; "
+            f"allowed values: {sorted(variants)}"
+        )
+    for name, table in settings.get("tables", {}).items():
+        unknown = [r for r in table["rows"] if r not in variants]
+        reference = table.get("reference") or settings.get("reference")
+        if reference not in table["rows"]:
+            yield f"{where}.tables.{name}.reference: {reference!r} is not one of its rows"
+        if unknown:
+            yield f"{where}.tables.{name}: {sorted(set(unknown))} are not variants of its rows"
+    grid = settings.get("loss_weight_grid")
+    if grid and grid["base"] not in variants:
+        yield (
+            f"{where}.loss_weight_grid.base: {grid['base']!r} is not a variant; "
+            f"allowed values: {sorted(variants)}"
+        )
+    trained = [v for v, spec in variants.items() if spec["model"] != "late_vote"]
+    for name, spec in variants.items():
+        if spec["model"] == "late_vote":
+            bad = [m for m in spec["members"] if m not in trained]
+            if len(spec["members"]) < 2 or bad:
+                yield (
+                    f"{where}.variants.{name}.members: a vote needs at least two trained "
+                    f"variants; {bad or spec['members']} given, allowed values: {sorted(trained)}"
+                )
+        elif abs(sum(spec["loss_weights"].values()) - 1) > 1e-6:
+            yield f"{where}.variants.{name}.loss_weights: must sum to 1, got {spec['loss_weights']}"
+
+
+def loss_weight_grid(step: float, minimum: float) -> list[tuple[float, float, float]]:
+    """(alpha, beta, gamma) on a grid of ``step`` with every weight >= ``minimum``, summing to 1."""
+    n_steps = round(1 / step)
+    low = round(minimum / step)
+    grid = []
+    for a in range(low, n_steps + 1):
+        for b in range(low, n_steps + 1 - a):
+            g = n_steps - a - b
+            if g >= low:
+                grid.append((round(a * step, 10), round(b * step, 10), round(g * step, 10)))
+    return grid
+
+
+def _expand_loss_weight_grid(settings: dict, schema: Mapping) -> None:
+    """Fig. 6: add a copy of the grid's base variant for every (alpha, beta, gamma)."""
+    grid = settings.get("loss_weight_grid")
+    if not grid or grid["base"] not in settings["variants"]:
+        return
+    base = settings["variants"][grid["base"]]
+    for alpha, beta, gamma in loss_weight_grid(grid["step"], grid["minimum"]):
+        name = f"wl_a{round(alpha * 10)}_b{round(beta * 10)}_g{round(gamma * 10)}"
+        variant = copy.deepcopy(base)
+        variant["loss_weights"] = {"OM": alpha, "IM": beta, "TEM": gamma}
+        settings["variants"].setdefault(name, variant)

@@ -1,45 +1,112 @@
-# CMUS-Net (OM + IM + TEM bag): per-fold training of every variant, fold_all.tsv, tables.
+# CMUS-Net (OM + IM + TEM bag), for every method of the family (cmus, cmus_staging):
+# glomerulus segmentation, per-fold training or late votes, fold_all.tsv, tables.
+
+
+rule cmus_segment:
+    input:
+        manifest="results/{cohort}/manifest.tsv",
+    output:
+        table="results/{cohort}/masks/glomerulus/glomeruli.tsv",
+        masks=directory("results/{cohort}/masks/glomerulus/masks"),
+        qc=directory("results/{cohort}/masks/glomerulus/qc"),
+    log:
+        "logs/cmus_segment/{cohort}.log",
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,  # one OM image at a time; a SAM ViT-H checkpoint needs about 3 GB
+        runtime=60,
+        gpu=0,
+    params:
+        out=subpath(output.table, parent=True),
+        method=lambda wildcards: cmus_method_of_cohort(wildcards.cohort),
+        settings=lambda wildcards: settings_json_of_method(
+            cmus_method_of_cohort(wildcards.cohort)
+        ),
+    shell:
+        "python -m mmdiag segment --manifest {input.manifest} --out-dir {params.out}"
+        " --method {params.method} --settings-json {params.settings:q} > {log} 2>&1"
 
 
 rule cmus_train_fold:
     input:
-        **get_method_inputs("cmus"),
+        unpack(get_cmus_fold_inputs),
     output:
-        model="results/cmus/{variant}/fold_{fold}/model.safetensors",
-        predictions="results/cmus/{variant}/fold_{fold}/predictions.tsv",
-        metrics="results/cmus/{variant}/fold_{fold}/metrics.tsv",
-        train_log="results/cmus/{variant}/fold_{fold}/train_log.tsv",
-        config="results/cmus/{variant}/fold_{fold}/config.yaml",
+        model="results/{method}/{variant}/fold_{fold}/model.safetensors",
+        predictions="results/{method}/{variant}/fold_{fold}/predictions.tsv",
+        metrics="results/{method}/{variant}/fold_{fold}/metrics.tsv",
+        train_log="results/{method}/{variant}/fold_{fold}/train_log.tsv",
+        config="results/{method}/{variant}/fold_{fold}/config.yaml",
     log:
-        "logs/cmus_train_fold/{variant}_fold{fold}.log",
+        "logs/cmus_train_fold/{method}_{variant}_fold{fold}.log",
     benchmark:
-        "results/benchmarks/cmus_train_fold/{variant}_fold{fold}.tsv"
+        "results/benchmarks/cmus_train_fold/{method}_{variant}_fold{fold}.tsv"
+    wildcard_constraints:
+        method=CMUS_METHODS_REGEX,
+        variant=CMUS_TRAINED_REGEX,
     conda:
         "../../envs/mmdiag.yaml"
-    threads: 2
+    threads: lambda wildcards: config["methods"][wildcards.method]["resources"]["threads"]
     resources:
         # the fold's images are decoded once and kept in memory; paper scale (Swin-B x3 at
         # 224 px, batch 4) needs one GPU with about 16 GB
-        mem_mb=config["methods"]["cmus"]["resources"]["mem_mb"],
-        runtime=config["methods"]["cmus"]["resources"]["runtime"],
-        gpu=config["methods"]["cmus"]["resources"]["gpu"],
+        mem_mb=lambda wildcards: config["methods"][wildcards.method]["resources"][
+            "mem_mb"
+        ],
+        runtime=lambda wildcards: config["methods"][wildcards.method]["resources"][
+            "runtime"
+        ],
+        gpu=lambda wildcards: config["methods"][wildcards.method]["resources"]["gpu"],
     params:
         out=subpath(output.metrics, parent=True),
-        settings=lambda wildcards: method_settings_json("cmus"),
+        crops=get_cmus_crop_argument,
+        settings=lambda wildcards: settings_json_of_method(wildcards.method),
     shell:
-        "python -m mmdiag train --method cmus --variant {wildcards.variant}"
+        "python -m mmdiag train --method {wildcards.method} --variant {wildcards.variant}"
         " --fold {wildcards.fold} --manifest {input.manifest} --splits {input.splits}"
-        " --out {params.out} --threads {threads} --settings-json {params.settings:q}"
-        " > {log} 2>&1"
+        " {params.crops} --out {params.out} --threads {threads}"
+        " --settings-json {params.settings:q} > {log} 2>&1"
+
+
+rule cmus_vote_fold:
+    input:
+        members=get_cmus_vote_members,
+    output:
+        predictions="results/{method}/{variant}/fold_{fold}/predictions.tsv",
+        metrics="results/{method}/{variant}/fold_{fold}/metrics.tsv",
+        train_log="results/{method}/{variant}/fold_{fold}/train_log.tsv",
+        config="results/{method}/{variant}/fold_{fold}/config.yaml",
+    log:
+        "logs/cmus_vote_fold/{method}_{variant}_fold{fold}.log",
+    wildcard_constraints:
+        method=CMUS_METHODS_REGEX,
+        variant=CMUS_VOTE_REGEX,
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+        gpu=0,
+    params:
+        out=subpath(output.metrics, parent=True),
+        settings=lambda wildcards: settings_json_of_method(wildcards.method),
+    shell:
+        "python -m mmdiag vote --method {wildcards.method} --variant {wildcards.variant}"
+        " --fold {wildcards.fold} --out {params.out} --settings-json {params.settings:q}"
+        " {input.members} > {log} 2>&1"
 
 
 rule cmus_fold_all:
     input:
-        metrics=get_method_fold_files("cmus", "metrics.tsv"),
+        metrics=lambda wildcards: get_method_fold_files(wildcards.method, "metrics.tsv"),
     output:
-        fold_all="results/cmus/fold_all.tsv",
+        fold_all="results/{method}/fold_all.tsv",
     log:
-        "logs/cmus_fold_all/cmus.log",
+        "logs/cmus_fold_all/{method}.log",
+    wildcard_constraints:
+        method=CMUS_METHODS_REGEX,
     conda:
         "../../envs/mmdiag.yaml"
     threads: 1
@@ -53,19 +120,23 @@ rule cmus_fold_all:
 
 rule cmus_tables:
     input:
-        fold_all="results/cmus/fold_all.tsv",
-        predictions=get_method_fold_files("cmus", "predictions.tsv"),
+        fold_all="results/{method}/fold_all.tsv",
+        predictions=lambda wildcards: get_method_fold_files(
+            wildcards.method, "predictions.tsv"
+        ),
     output:
-        summary="results/cmus/summary.tsv",
-        stats="results/cmus/stats.tsv",
-        table_md=report(
-            "results/cmus/table.md",
+        summary="results/{method}/summary.tsv",
+        stats="results/{method}/stats.tsv",
+        tables=report(
+            directory("results/{method}/tables"),
+            patterns=["{name}.md"],
             caption="../report/cmus_table.rst",
             category="CMUS-Net",
         ),
-        table_tex="results/cmus/table.tex",
     log:
-        "logs/cmus_tables/cmus.log",
+        "logs/cmus_tables/{method}.log",
+    wildcard_constraints:
+        method=CMUS_METHODS_REGEX,
     conda:
         "../../envs/mmdiag.yaml"
     threads: 1
@@ -75,7 +146,8 @@ rule cmus_tables:
         gpu=0,
     params:
         out=subpath(output.summary, parent=True),
-        settings=lambda wildcards: method_settings_json("cmus"),
+        settings=lambda wildcards: settings_json_of_method(wildcards.method),
     shell:
-        "python -m mmdiag tables --method cmus --fold-all {input.fold_all} --out-dir {params.out}"
-        " --settings-json {params.settings:q} {input.predictions} > {log} 2>&1"
+        "python -m mmdiag tables --method {wildcards.method} --fold-all {input.fold_all}"
+        " --out-dir {params.out} --settings-json {params.settings:q} {input.predictions}"
+        " > {log} 2>&1"

@@ -1,5 +1,6 @@
 # Configuration validation, wildcard constraints and input functions shared by every rule.
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -29,11 +30,73 @@ def settings_json(*sections):
     return json.dumps({section: config[section] for section in sections})
 
 
-def method_settings_json(method):
-    """A method's validated settings plus the manifest rules its trainer needs."""
+def settings_json_of_method(method):
+    """A method's validated settings plus the manifest rules its steps need."""
     return json.dumps(
         {"methods": {method: config["methods"][method]}, "manifest": config["manifest"]}
     )
+
+
+def alternatives_regex(names):
+    """A wildcard constraint that matches exactly one of ``names`` (never matches if empty)."""
+    return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
+
+
+CMUS_METHODS = [m for m in config["methods"] if m.startswith("cmus")]
+CMUS_METHODS_REGEX = alternatives_regex(CMUS_METHODS)
+CMUS_TRAINED_REGEX = alternatives_regex(
+    {
+        name
+        for m in CMUS_METHODS
+        for name, spec in config["methods"][m]["variants"].items()
+        if spec["model"] != "late_vote"
+    }
+)
+CMUS_VOTE_REGEX = alternatives_regex(
+    {
+        name
+        for m in CMUS_METHODS
+        for name, spec in config["methods"][m]["variants"].items()
+        if spec["model"] == "late_vote"
+    }
+)
+
+
+def cmus_method_of_cohort(cohort):
+    """The CMUS-family method whose segmentation settings apply to a cohort (the first)."""
+    for method in CMUS_METHODS:
+        if config["methods"][method]["cohort"] == cohort:
+            return method
+    raise ValueError(f"no CMUS method uses cohort {cohort!r}")
+
+
+def uses_glomerulus_crops(method):
+    return config["methods"][method]["preprocess"]["om_glomerulus_crop"]
+
+
+def get_cmus_fold_inputs(wildcards):
+    """Manifest, split and (when the OM crop is on) the segmentation table of a method."""
+    inputs = get_method_inputs(wildcards.method)
+    if uses_glomerulus_crops(wildcards.method):
+        cohort = config["methods"][wildcards.method]["cohort"]
+        inputs["glomeruli"] = f"results/{cohort}/masks/glomerulus/glomeruli.tsv"
+    return inputs
+
+
+def get_cmus_crop_argument(wildcards, input):
+    """`--glomeruli FILE` when the OM crop is on."""
+    return f"--glomeruli {input.glomeruli}" if "glomeruli" in input.keys() else ""
+
+
+def get_cmus_vote_members(wildcards):
+    """The member variants' predictions of a late-vote variant on one fold, in order."""
+    members = config["methods"][wildcards.method]["variants"][wildcards.variant][
+        "members"
+    ]
+    return [
+        f"results/{wildcards.method}/{member}/fold_{wildcards.fold}/predictions.tsv"
+        for member in members
+    ]
 
 
 def get_cohort_source(wildcards):
@@ -88,9 +151,9 @@ def get_method_inputs(method):
 
 
 def get_final_outputs():
-    """Final targets: each configured method's fold_all.tsv and paper table."""
+    """Final targets: each configured method's fold_all.tsv and tables."""
     return [
         f"results/{method}/{name}"
         for method in config["methods"]
-        for name in ("fold_all.tsv", "table.md")
+        for name in ("fold_all.tsv", "tables")
     ]

@@ -1,7 +1,7 @@
 """Write a method's summary, statistics and paper-style tables from its fold results.
 
-Side effects: writes ``summary.tsv``, ``stats.tsv``, ``table.md`` and ``table.tex`` into the
-output folder, each atomically.
+Side effects: writes ``summary.tsv`` (every variant), ``stats.tsv`` (every table's tests) and
+``tables/{name}.md`` / ``.tex`` for every table of the method's config, each atomically.
 """
 
 from __future__ import annotations
@@ -12,13 +12,35 @@ from pathlib import Path
 import pandas as pd
 
 from mmdiag.io import atomic_path, write_tsv
-from mmdiag.reporting.compare import FOLD_TESTS, compare_to_reference
+from mmdiag.reporting.compare import FOLD_TESTS, STATS_COLUMNS, compare_to_reference
 from mmdiag.reporting.tables import render_latex, render_markdown, summarise_folds
+
+DEFAULT_TABLE = {
+    "title": "Comparison of variants",
+    "reference": None,
+    "metrics": ["ACC", "AUC", "PRE", "REC", "SPE", "F1"],
+    "scale": 100,
+    "digits": 2,
+    "labels": {},
+}
 
 
 def read_tsv_exact(path: str | Path) -> pd.DataFrame:
     """Read a TSV; pandas >= 3 parses 17-digit floats back to the exact doubles written."""
     return pd.read_csv(path, sep="\t")
+
+
+def method_tables(method_settings: Mapping) -> dict[str, dict]:
+    """The configured tables, or one table of every variant when none is configured."""
+    tables = method_settings.get("tables") or {"all": {"rows": list(method_settings["variants"])}}
+    return {name: DEFAULT_TABLE | dict(table) for name, table in tables.items()}
+
+
+def table_paths(out_dir: Path, method_settings: Mapping) -> list[Path]:
+    """Every file :func:`write_method_tables` writes, in order."""
+    names = list(method_tables(method_settings))
+    tables = [out_dir / "tables" / f"{n}.{ext}" for n in names for ext in ("md", "tex")]
+    return [out_dir / "summary.tsv", out_dir / "stats.tsv", *tables]
 
 
 def write_method_tables(
@@ -28,48 +50,58 @@ def write_method_tables(
     *,
     out_dir: Path,
 ) -> list[Path]:
-    """Summarise, compare with the reference and render; return the four written paths."""
+    """Summarise, compare each table's rows with its reference and render; return the paths."""
     fold_all = read_tsv_exact(fold_all_path)
-    stats_settings, table_settings = method_settings["stats"], method_settings["table"]
+    stats_settings = method_settings["stats"]
     tests = list(stats_settings["tests"])
-    needs_predictions = bool(set(tests) - set(FOLD_TESTS))
     predictions = None
-    if needs_predictions:
+    if set(tests) - set(FOLD_TESTS):
         if not prediction_paths:
             raise ValueError(f"tests {tests} need the variants' predictions.tsv files")
         predictions = pd.concat([read_tsv_exact(p) for p in prediction_paths], ignore_index=True)
-    stats = compare_to_reference(
-        fold_all,
-        predictions,
-        reference=method_settings["reference"],
-        tests=tests,
-        metric=stats_settings["metric"],
-        n_boot=stats_settings["n_boot"],
-        seed=stats_settings["seed"],
-    )
-    summary = _in_config_order(summarise_folds(fold_all), list(method_settings["variants"]))
-    options = dict(
-        title=table_settings["title"],
-        metrics=table_settings["metrics"],
-        reference=method_settings["reference"],
-        test=tests[0],
-        scale=table_settings["scale"],
-        digits=table_settings["digits"],
-        labels=table_settings["labels"],
-    )
+    summary = summarise_folds(fold_all)
     out_dir = Path(out_dir)
-    paths = [out_dir / name for name in ("summary.tsv", "stats.tsv", "table.md", "table.tex")]
+    paths = table_paths(out_dir, method_settings)
+    all_stats, rendered = [], []
+    for name, table in method_tables(method_settings).items():
+        reference = table["reference"] or method_settings["reference"]
+        rows = list(table["rows"])
+        missing = sorted(set(rows) - set(fold_all["variant"]))
+        if missing:
+            raise ValueError(f"table {name!r}: variants {missing} are not in {fold_all_path}")
+        stats = compare_to_reference(
+            fold_all[fold_all["variant"].isin(rows)],
+            None if predictions is None else predictions[predictions["variant"].isin(rows)],
+            reference=reference,
+            tests=tests,
+            metric=stats_settings["metric"],
+            n_boot=stats_settings["n_boot"],
+            seed=stats_settings["seed"],
+        )
+        all_stats.append(stats.assign(table=name))
+        table_summary = _in_row_order(summary[summary["variant"].isin(rows)], rows)
+        options = dict(
+            title=table["title"],
+            metrics=table["metrics"],
+            reference=reference,
+            test=tests[0],
+            scale=table["scale"],
+            digits=table["digits"],
+            labels=table["labels"],
+        )
+        rendered += [
+            render_markdown(table_summary, stats, **options),
+            render_latex(table_summary, stats, **options),
+        ]
     write_tsv(summary, paths[0])
-    write_tsv(stats, paths[1])
-    for path, render in zip(paths[2:], (render_markdown, render_latex), strict=True):
+    write_tsv(pd.concat(all_stats, ignore_index=True)[["table", *STATS_COLUMNS]], paths[1])
+    for path, text in zip(paths[2:], rendered, strict=True):
         with atomic_path(path) as tmp:
-            tmp.write_text(render(summary, stats, **options))
+            tmp.write_text(text)
     return paths
 
 
-def _in_config_order(summary: pd.DataFrame, variants: Sequence[str]) -> pd.DataFrame:
-    """Rows in the order the config lists the variants (others after them, as found)."""
-    found = list(dict.fromkeys(summary["variant"]))
-    order = [v for v in variants if v in found] + [v for v in found if v not in variants]
-    rank = summary["variant"].map({v: i for i, v in enumerate(order)})
+def _in_row_order(summary: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
+    """Summary rows in the table's row order."""
+    rank = summary["variant"].map({v: i for i, v in enumerate(rows)})
     return summary.assign(_rank=rank).sort_values("_rank", kind="stable").drop(columns="_rank")

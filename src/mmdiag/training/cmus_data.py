@@ -8,7 +8,7 @@ Images are decoded once per fold and kept in memory as uint8 tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +29,27 @@ class PatientSample:
     tem: torch.Tensor  # (n_tem, 3, S, S)
 
 
-def load_image(path: str | Path, *, size_px: int, crop_bottom_px: int = 0) -> torch.Tensor:
-    """Decode an image as RGB, cut ``crop_bottom_px`` rows off its bottom, resize to a square.
+def load_image(
+    path: str | Path,
+    *,
+    size_px: int,
+    crop_bottom_px: int = 0,
+    crop_box: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Decode an image as RGB, crop it, resize it to a square (uint8, 3 x S x S).
 
-    Grayscale images (TEM) are replicated to three channels so every encoder sees RGB.
+    ``crop_bottom_px`` rows are cut off the bottom (the TEM legend strip); ``crop_box``
+    (x0, y0, x1, y1) keeps a region (the OM glomerulus). Grayscale images (TEM) are
+    replicated to three channels so every encoder sees RGB.
     """
     try:
         with Image.open(path) as image:
             image = image.convert("RGB")
+            if crop_box is not None:
+                x0, y0, x1, y1 = crop_box
+                if not (0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height):
+                    raise ValueError(f"{path}: crop box {crop_box} outside {image.size}")
+                image = image.crop((x0, y0, x1, y1))
             if crop_bottom_px:
                 if crop_bottom_px >= image.height:
                     raise ValueError(
@@ -60,8 +73,13 @@ def load_patient_samples(
     image_size_px: int,
     tem_legend_px: int,
     max_tem_per_patient: int,
+    om_crop_boxes: Mapping[str, tuple[int, int, int, int]] | None = None,
 ) -> list[PatientSample]:
-    """Build the samples of ``patient_ids`` from manifest rows (one row per image)."""
+    """Build the samples of ``patient_ids`` from manifest rows (one row per image).
+
+    ``om_crop_boxes`` maps an OM image path to its glomerulus crop (from the segmentation
+    step); without it the whole OM image is used.
+    """
     class_index = {name: i for i, name in enumerate(classes)}
     samples = []
     for patient_id in patient_ids:
@@ -78,8 +96,14 @@ def load_patient_samples(
                 raise ValueError(f"patient {patient_id} has no {modality} image in the manifest")
             crop = tem_legend_px if modality == "TEM" else 0
             keep = paths[:max_tem_per_patient] if modality == "TEM" else paths[:1]
+            boxes = om_crop_boxes if modality == "OM" and om_crop_boxes is not None else {}
+            if modality == "OM" and om_crop_boxes is not None and keep[0] not in boxes:
+                raise ValueError(f"patient {patient_id}: no glomerulus crop for {keep[0]}")
             images[modality] = torch.stack(
-                [load_image(p, size_px=image_size_px, crop_bottom_px=crop) for p in keep]
+                [
+                    load_image(p, size_px=image_size_px, crop_bottom_px=crop, crop_box=boxes.get(p))
+                    for p in keep
+                ]
             )
         samples.append(
             PatientSample(

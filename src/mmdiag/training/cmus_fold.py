@@ -1,22 +1,26 @@
 """Train and evaluate one CMUS variant on one fold, and write the fold's files.
 
-Side effects: writes, atomically, the folder ``results/cmus/{variant}/fold_{k}/`` holding
-``model.safetensors``, ``predictions.tsv``, ``metrics.tsv``, ``train_log.tsv`` and
-``config.yaml`` (the resolved settings, library versions and input checksums).
+Side effects: writes, atomically, the folder ``results/{method}/{variant}/fold_{k}/`` holding
+``model.safetensors`` (trained variants), ``predictions.tsv``, ``metrics.tsv``,
+``train_log.tsv`` and ``config.yaml`` (the resolved settings, library versions and input
+checksums).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_model
+from torch import nn
 
 import mmdiag
 from mmdiag.data.manifest import read_manifest
@@ -24,12 +28,34 @@ from mmdiag.data.splits import load_splits
 from mmdiag.evaluation.metrics import classification_metrics
 from mmdiag.io import atomic_path, sha256_file, write_tsv, write_yaml
 from mmdiag.models import create_model
+from mmdiag.models.cmus import CMUSConcat, CMUSNet
 from mmdiag.training.cmus_data import collate_patients, load_patient_samples
 from mmdiag.training.loop import TrainSettings, predict_proba, train_model
 
 log = logging.getLogger(__name__)
 
 TASK_CLASSES_KEY = {"disease": "classes", "mn_stage": "stages"}
+MODEL_CLASSES = {"cmus_net": CMUSNet, "cmus_concat": CMUSConcat}
+
+
+def task_classes(method_settings: Mapping, manifest_rules: Mapping) -> list[str]:
+    """Class names of the method's task (diseases, or MN stages)."""
+    return list(manifest_rules[TASK_CLASSES_KEY[method_settings["task"]]])
+
+
+def model_arguments(model_name: str, variant_settings: Mapping) -> dict:
+    """The variant's settings that the model's constructor takes (the rest is for the runner)."""
+    accepted = inspect.signature(MODEL_CLASSES[model_name].__init__).parameters
+    return {k: v for k, v in variant_settings.items() if k in accepted and k != "num_classes"}
+
+
+def read_crop_boxes(glomeruli_path: Path | None) -> dict[str, tuple[int, int, int, int]] | None:
+    """OM path -> glomerulus crop box, from the segmentation step's table."""
+    if glomeruli_path is None:
+        return None
+    table = pd.read_csv(glomeruli_path, sep="\t")
+    columns = ["crop_x0", "crop_y0", "crop_x1", "crop_y1"]
+    return {row.path: tuple(int(v) for v in row[columns]) for _, row in table.iterrows()}
 
 
 def run_cmus_fold(
@@ -42,35 +68,38 @@ def run_cmus_fold(
     manifest_rules: Mapping,
     out_dir: Path,
     method: str = "cmus",
+    glomeruli_path: Path | None = None,
 ) -> dict[str, float]:
     """Train ``variant`` on fold ``fold`` and write its outputs to ``out_dir``; return metrics."""
     started = time.perf_counter()
     task = method_settings["task"]
-    classes = list(manifest_rules[TASK_CLASSES_KEY[task]])
-    variant_settings = dict(method_settings["variants"][variant])
+    classes = task_classes(method_settings, manifest_rules)
+    variant_settings = method_settings["variants"][variant]
     preprocess = method_settings["preprocess"]
-    train_settings = TrainSettings(
-        **{k: v for k, v in method_settings["train"].items() if k != "num_threads"}
-    )
+    train_options = method_settings["train"] | variant_settings.get("train", {})
+    train_settings = TrainSettings(**{k: v for k, v in train_options.items() if k != "num_threads"})
 
-    manifest = read_manifest(manifest_path)
     split = _fold_of(load_splits(splits_path), fold, splits_path)
+    use_crops = preprocess.get("om_glomerulus_crop", False) and glomeruli_path is not None
     load = functools.partial(
         load_patient_samples,
-        manifest,
+        read_manifest(manifest_path),
         label_column=task,
         classes=classes,
         image_size_px=preprocess["image_size_px"],
         tem_legend_px=preprocess["tem_legend_px"],
         max_tem_per_patient=preprocess["max_tem_per_patient"],
+        om_crop_boxes=read_crop_boxes(glomeruli_path) if use_crops else None,
     )
     train, val, test = (load(split[part]) for part in ("train", "val", "test"))
     if not test:
         raise ValueError(f"{splits_path}: fold {fold} has an empty test set")
 
     torch.manual_seed(train_settings.seed)
-    model_name = variant_settings.pop("model")
-    model = create_model(model_name, num_classes=len(classes), **variant_settings)
+    model_name = variant_settings["model"]
+    model = create_model(
+        model_name, num_classes=len(classes), **model_arguments(model_name, variant_settings)
+    )
     collate = functools.partial(
         _collate, mean=preprocess["normalise_mean"], std=preprocess["normalise_std"]
     )
@@ -86,55 +115,35 @@ def run_cmus_fold(
     prob, _ = predict_proba(
         model, test, collate, batch_size=train_settings.batch_size, device=device
     )
-    y_true = [s.label for s in test]
-    metrics = classification_metrics(y_true, prob.numpy(), n_classes=len(classes))
-
-    predictions = pd.DataFrame(
-        {
-            "patient_id": [s.patient_id for s in test],
-            "fold": fold,
-            "variant": variant,
-            "y_true": y_true,
-            "y_pred": prob.argmax(1).numpy(),
-        }
+    predictions = predictions_frame(
+        [s.patient_id for s in test],
+        [s.label for s in test],
+        prob.numpy(),
+        classes,
+        fold=fold,
+        variant=variant,
     )
-    for k, name in enumerate(classes):
-        predictions[f"prob_{name}"] = prob[:, k].numpy()
-    metric_rows = pd.DataFrame(
-        [
-            {"method": method, "variant": variant, "fold": fold, "metric": m, "value": v}
-            for m, v in metrics.items()
-        ]
+    inputs = {"manifest": manifest_path, "splits": splits_path}
+    if use_crops:
+        inputs["glomeruli"] = glomeruli_path
+    resolved = _resolved_config(
+        method,
+        variant,
+        fold,
+        classes,
+        method_settings,
+        inputs,
+        n_patients={"train": len(train), "val": len(val), "test": len(test)},
     )
-    resolved = {
-        "method": method,
-        "variant": variant,
-        "fold": fold,
-        "model": model_name,
-        "classes": classes,
-        "method_settings": dict(method_settings),
-        "inputs": {
-            "manifest": {"path": str(manifest_path), "sha256": sha256_file(manifest_path)},
-            "splits": {"path": str(splits_path), "sha256": sha256_file(splits_path)},
-        },
-        "n_patients": {"train": len(train), "val": len(val), "test": len(test)},
-        "versions": {
-            "mmdiag": mmdiag.__version__,
-            "torch": str(torch.__version__),
-            "python": platform.python_version(),
-        },
-    }
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        save_model(
-            model.cpu(),
-            str(tmp / "model.safetensors"),
-            metadata={"model": model_name, "classes": ",".join(classes)},
-        )
-        write_tsv(predictions, tmp / "predictions.tsv")
-        write_tsv(metric_rows, tmp / "metrics.tsv")
-        write_tsv(pd.DataFrame(history), tmp / "train_log.tsv")
-        write_yaml(resolved, tmp / "config.yaml")
-    summary = " ".join(f"{m}={v:.3f}" for m, v in metrics.items())
+    metrics = write_fold_outputs(
+        out_dir,
+        predictions,
+        classes,
+        method=method,
+        model=model,
+        history=history,
+        resolved=resolved,
+    )
     log.info(
         "%s/%s fold %d: %d train, %d test patients, %s (%.1f s)",
         method,
@@ -142,10 +151,160 @@ def run_cmus_fold(
         fold,
         len(train),
         len(test),
-        summary,
+        _metrics_text(metrics),
         time.perf_counter() - started,
     )
     return metrics
+
+
+def majority_vote(
+    member_predictions: Sequence[pd.DataFrame], classes: Sequence[str]
+) -> pd.DataFrame:
+    """Late fusion of unimodal models (Fig. 5): majority vote of their predicted classes.
+
+    The probabilities are the members' mean (they give the AUC); a patient whose members all
+    disagree takes the class of the highest mean probability. Members must cover the same
+    patients with the same labels.
+    """
+    prob_columns = [f"prob_{c}" for c in classes]
+    key = ["patient_id", "fold"]
+    frames = [m.sort_values(key).reset_index(drop=True) for m in member_predictions]
+    first = frames[0]
+    for other in frames[1:]:
+        if not first[key + ["y_true"]].equals(other[key + ["y_true"]]):
+            raise ValueError("vote members do not cover the same patients with the same labels")
+    mean_prob = np.mean([f[prob_columns].to_numpy() for f in frames], axis=0)
+    votes = np.stack([f["y_pred"].to_numpy() for f in frames], axis=1)
+    counts = np.stack([(votes == k).sum(axis=1) for k in range(len(classes))], axis=1)
+    winners = counts == counts.max(axis=1, keepdims=True)
+    # ties (no majority): the highest mean probability among the tied classes
+    y_pred = np.where(winners, mean_prob, -np.inf).argmax(axis=1)
+    voted = first[key + ["y_true"]].copy()
+    voted["y_pred"] = y_pred
+    voted[prob_columns] = mean_prob
+    return voted
+
+
+def run_vote_fold(
+    *,
+    member_predictions: Mapping[str, Path],
+    fold: int,
+    variant: str,
+    method_settings: Mapping,
+    manifest_rules: Mapping,
+    out_dir: Path,
+    method: str = "cmus",
+) -> dict[str, float]:
+    """Write the fold outputs of a ``late_vote`` variant from its members' predictions."""
+    classes = task_classes(method_settings, manifest_rules)
+    members = [pd.read_csv(path, sep="\t") for path in member_predictions.values()]
+    voted = majority_vote(members, classes)
+    predictions = predictions_frame(
+        voted["patient_id"].tolist(),
+        voted["y_true"].to_numpy(),
+        voted[[f"prob_{c}" for c in classes]].to_numpy(),
+        classes,
+        fold=fold,
+        variant=variant,
+        y_pred=voted["y_pred"].to_numpy(),
+    )
+    resolved = _resolved_config(method, variant, fold, classes, method_settings, member_predictions)
+    metrics = write_fold_outputs(out_dir, predictions, classes, method=method, resolved=resolved)
+    log.info(
+        "%s/%s fold %d (vote of %s): %s",
+        method,
+        variant,
+        fold,
+        ", ".join(member_predictions),
+        _metrics_text(metrics),
+    )
+    return metrics
+
+
+def predictions_frame(
+    patient_ids: Sequence[str],
+    y_true: Sequence[int],
+    prob: np.ndarray,
+    classes: Sequence[str],
+    *,
+    fold: int,
+    variant: str,
+    y_pred: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """``predictions.tsv`` rows: patient_id, fold, variant, y_true, y_pred, prob_<class>..."""
+    frame = pd.DataFrame(
+        {
+            "patient_id": list(patient_ids),
+            "fold": fold,
+            "variant": variant,
+            "y_true": np.asarray(y_true, dtype=int),
+            "y_pred": np.asarray(prob).argmax(axis=1) if y_pred is None else np.asarray(y_pred),
+        }
+    )
+    for k, name in enumerate(classes):
+        frame[f"prob_{name}"] = np.asarray(prob)[:, k]
+    return frame
+
+
+def write_fold_outputs(
+    out_dir: Path,
+    predictions: pd.DataFrame,
+    classes: Sequence[str],
+    *,
+    method: str,
+    resolved: Mapping,
+    model: nn.Module | None = None,
+    history: Sequence[Mapping] = (),
+) -> dict[str, float]:
+    """Compute the metrics and write the fold folder atomically; return the metrics."""
+    prob = predictions[[f"prob_{c}" for c in classes]].to_numpy()
+    metrics = classification_metrics(predictions["y_true"].to_numpy(), prob, n_classes=len(classes))
+    fold, variant = int(predictions["fold"].iloc[0]), str(predictions["variant"].iloc[0])
+    metric_rows = pd.DataFrame(
+        [
+            {"method": method, "variant": variant, "fold": fold, "metric": m, "value": v}
+            for m, v in metrics.items()
+        ]
+    )
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        if model is not None:
+            save_model(
+                model.cpu(),
+                str(tmp / "model.safetensors"),
+                metadata={"model": resolved["model"], "classes": ",".join(classes)},
+            )
+        write_tsv(predictions, tmp / "predictions.tsv")
+        write_tsv(metric_rows, tmp / "metrics.tsv")
+        write_tsv(
+            pd.DataFrame(list(history), columns=None if history else ["epoch"]),
+            tmp / "train_log.tsv",
+        )
+        write_yaml(dict(resolved), tmp / "config.yaml")
+    return metrics
+
+
+def _resolved_config(method, variant, fold, classes, method_settings, inputs, n_patients=None):
+    return {
+        "method": method,
+        "variant": variant,
+        "fold": fold,
+        "model": method_settings["variants"][variant]["model"],
+        "classes": list(classes),
+        "method_settings": dict(method_settings),
+        "inputs": {
+            name: {"path": str(path), "sha256": sha256_file(path)} for name, path in inputs.items()
+        },
+        "n_patients": n_patients,
+        "versions": {
+            "mmdiag": mmdiag.__version__,
+            "torch": str(torch.__version__),
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _metrics_text(metrics: Mapping[str, float]) -> str:
+    return " ".join(f"{m}={v:.3f}" for m, v in metrics.items())
 
 
 def _collate(samples, generator, *, mean, std):

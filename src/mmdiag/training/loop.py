@@ -114,6 +114,15 @@ def train_model(
     return history
 
 
+def _loss_and_logits(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own training loss when it defines one (e.g. CMUS-Net's weighted loss),
+    else cross-entropy of its logits."""
+    if hasattr(model, "loss"):
+        return model.loss(batch)
+    logits = model(batch)
+    return nn.functional.cross_entropy(logits, batch["label"]), logits
+
+
 def _train_one_epoch(model, samples, collate, optimiser, settings, generator, device) -> dict:
     model.train()
     started = time.perf_counter()
@@ -121,8 +130,7 @@ def _train_one_epoch(model, samples, collate, optimiser, settings, generator, de
     loss_sum, correct = 0.0, 0
     for indices in _batches(len(samples), settings.batch_size, order):
         batch = _to_device(collate([samples[i] for i in indices], generator), device)
-        logits = model(batch)
-        loss = nn.functional.cross_entropy(logits, batch["label"])
+        loss, logits = _loss_and_logits(model, batch)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"training loss became {loss.item()}")
         optimiser.zero_grad(set_to_none=True)
