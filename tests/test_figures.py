@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from torch import nn
 
-from mmdiag.evaluation.explain import grad_cam, last_feature_module, modality_embeddings
+from mmdiag.evaluation.explain import grad_cam, last_feature_module
 from mmdiag.reporting import figures
 from mmdiag.reporting.figures import (
     confusion_counts,
@@ -451,35 +451,6 @@ def test_last_feature_module_and_grad_cam_on_a_timm_encoder():
     model = Classifier()
     cams = grad_cam(model, {"om": torch.randn(2, 3, 96, 96)}, module, class_index=2)
     assert cams.shape == (2, 3, 3) and np.all((cams >= 0) & (cams <= 1))
-
-
-def test_modality_embeddings_average_the_bag():
-    class TwoEncoders(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.encoders = nn.ModuleDict({"OM": nn.Flatten(), "TEM": nn.Flatten()})
-
-        def forward_features(self, batch):
-            om = self.encoders["OM"](batch["om"])
-            tem = self.encoders["TEM"](batch["tem"])
-            bag = batch["tem_patient"]
-            tem = torch.stack([tem[bag == b].mean(0) for b in range(om.shape[0])])
-            return torch.cat([om, tem], dim=1)
-
-    batch = {
-        "om": torch.randn(2, 4),
-        "tem": torch.randn(5, 3),
-        "tem_patient": torch.tensor([0, 1, 1, 0, 1]),
-    }
-    embeddings = modality_embeddings(TwoEncoders(), batch)
-    assert list(embeddings) == ["OM", "TEM", "fusion"]
-    np.testing.assert_allclose(embeddings["OM"], batch["om"].numpy(), rtol=1e-6)
-    expected_tem = [batch["tem"][[0, 3]].mean(0).numpy(), batch["tem"][[1, 2, 4]].mean(0).numpy()]
-    np.testing.assert_allclose(embeddings["TEM"], expected_tem, rtol=1e-6)
-    assert embeddings["fusion"].shape == (2, 7)
-
-
-# ----------------------------------------------------------------------------- Grad-CAM figure
 
 
 def test_plot_grad_cam(tmp_path):

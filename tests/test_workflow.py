@@ -75,13 +75,47 @@ def test_invalid_config_stops_snakemake_with_the_key(tmp_path):
     assert "methods.cmus.task: 'grading' is not allowed" in result.stdout + result.stderr
 
 
+TINY_VARIANTS = {
+    "cmus_net": {"model": "cmus_net", "encoder": "test_resnet"},
+    "none": {
+        "model": "cmus_net",
+        "encoder": "test_resnet",
+        "smil": False,
+        "fusion_attention": "none",
+        "weighted_loss": False,
+    },
+    "om": {"model": "cmus_net", "encoder": "test_resnet", "modalities": ["OM"]},
+    "tem": {"model": "cmus_net", "encoder": "test_resnet", "modalities": ["TEM"]},
+    "late_vote": {"model": "late_vote", "members": ["om", "tem"]},
+}
+TINY_TABLES = {
+    "table2": {"title": "Ablation", "rows": ["none", "cmus_net"]},
+    "table3": {
+        "title": "Modalities",
+        "rows": ["om", "tem", "late_vote", "cmus_net"],
+        "labels": {"late_vote": "OM, TEM (late vote)"},
+    },
+}
+TRAINED = ("cmus_net", "none", "om", "tem")
+CLASSES = ("IgAN", "MN", "LN")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """Run the real DAG to results/cmus/fold_all.tsv in a temporary copy of the workflow."""
+    """Run the real DAG (fold_all.tsv, tables, figures) in a temporary copy of the workflow.
+
+    The copy's config/methods/cmus.yaml keeps five of the demo's variants, so that the run
+    covers training, the late vote, both tables and the figures in about a minute.
+    """
     workdir = tmp_path_factory.mktemp("workflow")
     for name in WORKFLOW_FILES:
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, workdir / name)
+    method_file = workdir / "config/methods/cmus.yaml"
+    methods = yaml.safe_load(method_file.read_text())
+    methods["methods"]["cmus"] |= {"variants": TINY_VARIANTS, "tables": TINY_TABLES}
+    method_file.write_text(yaml.safe_dump(methods, sort_keys=False))
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
+    targets = ["results/cmus/fold_all.tsv", "results/cmus/tables", "results/cmus/figures"]
     command = [
         str(BIN / "snakemake"),
         "--cores",
@@ -89,8 +123,7 @@ def tiny_run(tmp_path_factory):
         "--configfile",
         "tiny.yaml",
         "--show-failed-logs",
-        "results/cmus/fold_all.tsv",
-        "results/cmus/table.md",
+        *targets,
     ]
     result = _run(command, workdir)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
@@ -111,50 +144,66 @@ def test_dag_outputs_are_complete_and_consistent(tiny_run):
     fold_all = pd.read_csv(results / "cmus/fold_all.tsv", sep="\t")
     assert list(fold_all.columns) == ["method", "variant", "fold", "metric", "value"]
     metrics = {"ACC", "AUC", "PRE", "REC", "SPE", "F1"}
-    variants = ("concat", "om", "im", "tem")  # config/methods/cmus.yaml
-    for variant in variants:
+    for variant in TINY_VARIANTS:
         rows = fold_all[fold_all["variant"] == variant]
         assert set(rows["fold"]) == {0, 1, 2}
         assert all(set(group["metric"]) == metrics for _, group in rows.groupby("fold"))
-    assert len(fold_all) == len(variants) * 3 * 6
+    assert len(fold_all) == len(TINY_VARIANTS) * 3 * 6
     assert fold_all["value"].between(0, 1).all()
 
-    for variant in variants:
+    for variant in TINY_VARIANTS:
         predictions = pd.concat(
             pd.read_csv(results / f"cmus/{variant}/fold_{k}/predictions.tsv", sep="\t")
             for k in range(3)
         )
         # every patient predicted exactly once per variant across the folds
         assert sorted(predictions["patient_id"]) == sorted(patients)
-        prob = predictions[[f"prob_{c}" for c in ("IgAN", "MN", "LN")]]
+        prob = predictions[[f"prob_{c}" for c in CLASSES]]
         assert (prob.sum(axis=1) - 1).abs().max() < 1e-5
-        assert (prob.to_numpy().argmax(1) == predictions["y_pred"]).all()
         fold_dir = results / f"cmus/{variant}/fold_0"
+        resolved = yaml.safe_load((fold_dir / "config.yaml").read_text())
+        assert resolved["variant"] == variant
+        if variant not in TRAINED:
+            assert not (fold_dir / "model.safetensors").exists()
+            continue
+        assert (prob.to_numpy().argmax(1) == predictions["y_pred"]).all()
         assert len(pd.read_csv(fold_dir / "train_log.tsv", sep="\t")) == 2  # epochs
         weights = load_file(str(fold_dir / "model.safetensors"))
         modalities = {key.split(".")[1] for key in weights if key.startswith("encoders.")}
-        assert modalities == ({"OM", "IM", "TEM"} if variant == "concat" else {variant.upper()})
-        resolved = yaml.safe_load((fold_dir / "config.yaml").read_text())
-        assert (
-            resolved["variant"] == variant and len(resolved["inputs"]["manifest"]["sha256"]) == 64
-        )
+        expected = {"om": {"OM"}, "tem": {"TEM"}}.get(variant, {"OM", "IM", "TEM"})
+        assert modalities == expected
+        assert len(resolved["inputs"]["glomeruli"]["sha256"]) == 64  # trained on OM crops
 
 
 @pytest.mark.integration
-def test_dag_writes_the_paper_table(tiny_run):
+def test_dag_segments_every_om_image(tiny_run):
+    workdir, _ = tiny_run
+    folder = workdir / "results/demo/masks/glomerulus"
+    table = pd.read_csv(folder / "glomeruli.tsv", sep="\t")
+    assert len(table) == 12 and set(table["method"]) == {"classical"}  # no SAM checkpoint
+    assert (table["crop_x1"] > table["crop_x0"]).all() and (
+        table["crop_y1"] > table["crop_y0"]
+    ).all()
+    assert len(list((folder / "qc").rglob("*.png"))) == 12
+    assert "SAM" in (workdir / "logs/cmus_segment/demo.log").read_text()
+
+
+@pytest.mark.integration
+def test_dag_writes_the_paper_tables_and_figures(tiny_run):
     workdir, _ = tiny_run
     results = workdir / "results/cmus"
-    table = (results / "table.md").read_text()
-    for label in ("OM + IM + TEM (concat)", "OM only", "IM only", "TEM only"):
-        assert f"| {label} |" in table
-    assert table.count("Ref.") >= 1 and "p-value (paired_ttest)" in table
+    table3 = (results / "tables/table3.md").read_text()
+    assert "| OM, TEM (late vote) |" in table3 and table3.count("Ref.") == 1
+    assert "p-value (paired_ttest)" in table3
     stats = pd.read_csv(results / "stats.tsv", sep="\t")
-    assert sorted(set(stats["variant"])) == ["im", "om", "tem"]
-    assert set(stats["test"]) == {"paired_ttest", "wilcoxon"}
-    assert (stats["n"] == 3).all()
+    assert sorted(set(stats[stats["table"] == "table3"]["variant"])) == ["late_vote", "om", "tem"]
+    assert set(stats["test"]) == {"paired_ttest", "wilcoxon"} and (stats["n"] == 3).all()
     summary = pd.read_csv(results / "summary.tsv", sep="\t")
-    assert len(summary) == 4 * 6 and (summary["n_folds"] == 3).all()
-    assert (results / "table.tex").read_text().startswith("\\begin{table}")
+    assert len(summary) == len(TINY_VARIANTS) * 6 and (summary["n_folds"] == 3).all()
+    assert (results / "tables/table2.tex").read_text().startswith("\\begin{table}")
+    pictures = {p.name for p in (results / "figures").glob("*.png")}
+    assert {"roc_cmus_net.png", "confusion_cmus_net.png", "tsne.png"} <= pictures
+    assert any(name.startswith("grad_cam_") for name in pictures)
 
 
 @pytest.mark.integration

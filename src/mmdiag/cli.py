@@ -325,5 +325,39 @@ def tables(
     log.info("%s tables: %s\n%s", method, ", ".join(map(str, written)), written[2].read_text())
 
 
+@app.command()
+def figures(
+    method: Annotated[str, typer.Option(help="Method name (a key of methods).")],
+    results: Annotated[Path, typer.Option(help="The method's results folder (results/{method}).")],
+    manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
+    splits_path: Annotated[Path, typer.Option("--splits", help="Split JSON.")],
+    out_dir: Annotated[Path, typer.Option(help="Folder for the PNG figures.")],
+    glomeruli: Annotated[
+        Path | None, typer.Option(help="glomeruli.tsv of the segmentation step (OM crops).")
+    ] = None,
+    fold: Annotated[int, typer.Option(help="Fold whose model t-SNE and Grad-CAM explain.")] = 0,
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """ROC curves, confusion matrices, t-SNE, Grad-CAM and the batch-size/loss-weight plots."""
+    from mmdiag.reporting.cmus_figures import write_cmus_figures
+
+    settings = _settings(config, settings_json)
+    if method not in settings["methods"]:
+        _fail(f"unknown method {method!r}; configured: {sorted(settings['methods'])}")
+    written = write_cmus_figures(
+        method=method,
+        method_settings=settings["methods"][method],
+        manifest_rules=settings["manifest"],
+        results_dir=results,
+        manifest_path=manifest_path,
+        splits_path=splits_path,
+        out_dir=out_dir,
+        glomeruli_path=glomeruli,
+        explain_fold=fold,
+    )
+    log.info("%s: %d figures in %s", method, len(written), out_dir)
+
+
 if __name__ == "__main__":
     app()

@@ -1,32 +1,5 @@
 # CMUS-Net (OM + IM + TEM bag), for every method of the family (cmus, cmus_staging):
-# glomerulus segmentation, per-fold training or late votes, fold_all.tsv, tables.
-
-
-rule cmus_segment:
-    input:
-        manifest="results/{cohort}/manifest.tsv",
-    output:
-        table="results/{cohort}/masks/glomerulus/glomeruli.tsv",
-        masks=directory("results/{cohort}/masks/glomerulus/masks"),
-        qc=directory("results/{cohort}/masks/glomerulus/qc"),
-    log:
-        "logs/cmus_segment/{cohort}.log",
-    conda:
-        "../../envs/mmdiag.yaml"
-    threads: 1
-    resources:
-        mem_mb=4000,  # one OM image at a time; a SAM ViT-H checkpoint needs about 3 GB
-        runtime=60,
-        gpu=0,
-    params:
-        out=subpath(output.table, parent=True),
-        method=lambda wildcards: cmus_method_of_cohort(wildcards.cohort),
-        settings=lambda wildcards: settings_json_of_method(
-            cmus_method_of_cohort(wildcards.cohort)
-        ),
-    shell:
-        "python -m mmdiag segment --manifest {input.manifest} --out-dir {params.out}"
-        " --method {params.method} --settings-json {params.settings:q} > {log} 2>&1"
+# per-fold training or late votes, fold_all.tsv, tables and figures.
 
 
 rule cmus_train_fold:
@@ -151,3 +124,42 @@ rule cmus_tables:
         "python -m mmdiag tables --method {wildcards.method} --fold-all {input.fold_all}"
         " --out-dir {params.out} --settings-json {params.settings:q} {input.predictions}"
         " > {log} 2>&1"
+
+
+rule cmus_figures:
+    input:
+        unpack(get_cmus_fold_inputs),
+        fold_all="results/{method}/fold_all.tsv",
+        predictions=lambda wildcards: get_method_fold_files(
+            wildcards.method, "predictions.tsv"
+        ),
+        model=lambda wildcards: (
+            f"results/{wildcards.method}/"
+            f"{config['methods'][wildcards.method]['reference']}/fold_0/model.safetensors"
+        ),
+    output:
+        figures=report(
+            directory("results/{method}/figures"),
+            patterns=["{name}.png"],
+            caption="../report/cmus_figures.rst",
+            category="CMUS-Net",
+        ),
+    log:
+        "logs/cmus_figures/{method}.log",
+    wildcard_constraints:
+        method=CMUS_METHODS_REGEX,
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: 1
+    resources:
+        mem_mb=3000,  # the reference model and one fold's images
+        runtime=20,
+        gpu=0,
+    params:
+        results=subpath(input.fold_all, parent=True),
+        crops=get_cmus_crop_argument,
+        settings=lambda wildcards: settings_json_of_method(wildcards.method),
+    shell:
+        "python -m mmdiag figures --method {wildcards.method} --results {params.results}"
+        " --manifest {input.manifest} --splits {input.splits} {params.crops}"
+        " --out-dir {output.figures} --settings-json {params.settings:q} > {log} 2>&1"

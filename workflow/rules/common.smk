@@ -151,9 +151,9 @@ def get_method_inputs(method):
 
 
 def get_final_outputs():
-    """Final targets: each configured method's fold_all.tsv and tables."""
+    """Final targets: each configured method's fold_all.tsv, tables and figures."""
     return [
         f"results/{method}/{name}"
         for method in config["methods"]
-        for name in ("fold_all.tsv", "tables")
+        for name in ("fold_all.tsv", "tables", "figures")
     ]

@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-BAG_INDEX_KEY = "tem_patient"  # batch key with the patient of each TEM image (see models.cmus)
-
 
 def last_feature_module(encoder: nn.Module) -> nn.Module:
     """The submodule whose output is ``encoder``'s last feature map (Grad-CAM's usual target).
@@ -220,50 +218,3 @@ def grad_cam(
     peak = cam.amax(dim=(1, 2), keepdim=True)
     cam = torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), cam)
     return cam.numpy()
-
-
-def modality_embeddings(model: nn.Module, batch: dict) -> dict[str, np.ndarray]:
-    """Per-patient features of each modality encoder and of the fusion (for t-SNE, Fig. 4).
-
-    ``model`` has ``encoders`` (a ``ModuleDict`` keyed by modality) and ``forward_features``
-    (the fused features), as the CMUS models do. An encoder that sees more images than there
-    are patients (the TEM bag) is averaged per patient with ``batch["tem_patient"]``.
-    Returns name -> (B, d) arrays, the modalities in the model's order, then ``"fusion"``.
-    """
-    encoders = getattr(model, "encoders", None)
-    if not isinstance(encoders, nn.ModuleDict) or not hasattr(model, "forward_features"):
-        raise ValueError(
-            f"model {type(model).__name__} needs an `encoders` ModuleDict and forward_features"
-        )
-    outputs: dict[str, torch.Tensor] = {}
-    handles = [
-        encoder.register_forward_hook(
-            lambda module, inputs, output, name=name: outputs.__setitem__(name, output)
-        )
-        for name, encoder in encoders.items()
-    ]
-    try:
-        with _eval_mode(model), torch.no_grad():
-            fused = model.forward_features(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    n_patients = fused.shape[0]
-    embeddings = {}
-    for name in encoders:
-        if name not in outputs:
-            continue
-        features = outputs[name].flatten(1)
-        if features.shape[0] != n_patients:
-            if BAG_INDEX_KEY not in batch:
-                raise ValueError(
-                    f"encoder {name!r} saw {features.shape[0]} images for {n_patients} patients "
-                    f"but the batch has no {BAG_INDEX_KEY!r}"
-                )
-            bag = torch.as_tensor(batch[BAG_INDEX_KEY], dtype=torch.long)
-            sums = features.new_zeros(n_patients, features.shape[1]).index_add_(0, bag, features)
-            counts = torch.bincount(bag, minlength=n_patients).clamp_min(1).to(features.dtype)
-            features = sums / counts[:, None]
-        embeddings[name] = features.double().numpy()
-    embeddings["fusion"] = fused.flatten(1).double().numpy()
-    return embeddings
