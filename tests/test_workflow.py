@@ -193,7 +193,7 @@ def test_dag_writes_the_paper_tables_and_figures(tiny_run):
     workdir, _ = tiny_run
     results = workdir / "results/cmus"
     table3 = (results / "tables/table3.md").read_text()
-    assert "| OM, TEM (late vote) |" in table3 and table3.count("Ref.") == 1
+    assert "| OM, TEM (late vote) |" in table3 and table3.count("| Ref. |") == 1
     assert "p-value (paired_ttest)" in table3
     stats = pd.read_csv(results / "stats.tsv", sep="\t")
     assert sorted(set(stats[stats["table"] == "table3"]["variant"])) == ["late_vote", "om", "tem"]
