@@ -105,3 +105,13 @@ def test_training_learns_a_planted_signal():
     torch.testing.assert_close(prob.sum(1), torch.ones(len(test)))
     accuracy = (prob.argmax(1) == torch.tensor([s.label for s in test])).float().mean().item()
     assert accuracy >= 0.8  # chance is 1/3
+
+
+def test_a_last_batch_of_one_joins_the_previous_one():
+    from mmdiag.training.loop import batch_indices
+
+    assert batch_indices(13, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11, 12]]
+    assert batch_indices(12, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert batch_indices(1, 4) == [[0]]
+    order = torch.tensor([4, 3, 2, 1, 0])
+    assert batch_indices(5, 2, order) == [[4, 3], [2, 1, 0]]

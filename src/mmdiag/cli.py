@@ -59,6 +59,13 @@ def _settings(config_files: list[Path] | None, settings_json: str | None) -> dic
     return load_config(config_files)
 
 
+def _method_settings(settings: dict, method: str) -> dict:
+    """A configured method's settings, or a clear error naming the configured ones."""
+    if method not in settings["methods"]:
+        _fail(f"unknown method {method!r}; configured: {sorted(settings['methods'])}")
+    return settings["methods"][method]
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", err=True, fg="red")
     raise typer.Exit(code=1)
@@ -186,9 +193,7 @@ def train(
     import torch
 
     settings = _settings(config, settings_json)
-    if method not in settings["methods"]:
-        _fail(f"unknown method {method!r}; configured: {sorted(settings['methods'])}")
-    method_settings = settings["methods"][method]
+    method_settings = _method_settings(settings, method)
     if variant not in method_settings["variants"]:
         _fail(f"unknown variant {variant!r}; configured: {sorted(method_settings['variants'])}")
     threads = threads or method_settings["train"].get("num_threads", 0)
@@ -314,12 +319,9 @@ def tables(
     from mmdiag.reporting.report import write_method_tables
 
     settings = _settings(config, settings_json)
-    if method not in settings["methods"]:
-        _fail(f"unknown method {method!r}; configured: {sorted(settings['methods'])}")
+    method_settings = _method_settings(settings, method)
     try:
-        written = write_method_tables(
-            fold_all, predictions or [], settings["methods"][method], out_dir=out_dir
-        )
+        written = write_method_tables(fold_all, predictions or [], method_settings, out_dir=out_dir)
     except ValueError as error:
         _fail(str(error))
     log.info("%s tables: %s\n%s", method, ", ".join(map(str, written)), written[2].read_text())
@@ -343,11 +345,9 @@ def figures(
     from mmdiag.reporting.cmus_figures import write_cmus_figures
 
     settings = _settings(config, settings_json)
-    if method not in settings["methods"]:
-        _fail(f"unknown method {method!r}; configured: {sorted(settings['methods'])}")
     written = write_cmus_figures(
         method=method,
-        method_settings=settings["methods"][method],
+        method_settings=_method_settings(settings, method),
         manifest_rules=settings["manifest"],
         results_dir=results,
         manifest_path=manifest_path,

@@ -34,6 +34,21 @@ PAPER_LOSS_WEIGHTS = {"OM": 0.3, "IM": 0.5, "TEM": 0.2}  # alpha, beta, gamma of
 # --------------------------------------------------------------------------- building blocks
 
 
+def checked_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
+    """The requested modalities in canonical order (OM, IM, TEM); ValueError otherwise."""
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown or not modalities:
+        raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+    return tuple(m for m in MODALITIES if m in modalities)
+
+
+def modality_encoders(
+    encoder: str, modalities: Sequence[str], checkpoint: str | None
+) -> nn.ModuleDict:
+    """One unshared timm encoder per modality (E_OM, E_IM, E_TEM)."""
+    return nn.ModuleDict({m: create_encoder(encoder, checkpoint=checkpoint) for m in modalities})
+
+
 def bag_mean(features: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
     """Mean of the instance features of each bag: (N, ...) with bag ids (N,) -> (n_bags, ...)."""
     flat = features.reshape(features.shape[0], -1)
@@ -210,24 +225,17 @@ class CMUSNet(nn.Module):
         checkpoint: str | None = None,
     ) -> None:
         super().__init__()
-        unknown = set(modalities) - set(MODALITIES)
-        if unknown or not modalities:
-            raise ValueError(
-                f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}"
-            )
         if fusion_attention not in FUSION_ATTENTIONS:
             raise ValueError(
                 f"fusion_attention must be one of {FUSION_ATTENTIONS}, got {fusion_attention!r}"
             )
         self.num_classes = num_classes
-        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        self.modalities = checked_modalities(modalities)
         self.smil, self.smil_threshold = smil, smil_threshold
         self.fusion_attention = fusion_attention
         self.weighted_loss = weighted_loss
         self.loss_weights = {m: float(loss_weights.get(m, 0.0)) for m in self.modalities}
-        self.encoders = nn.ModuleDict(
-            {m: create_encoder(encoder, checkpoint=checkpoint) for m in self.modalities}
-        )
+        self.encoders = modality_encoders(encoder, self.modalities, checkpoint)
         dim = self.encoders[self.modalities[0]].num_features
         micrometre = [m for m in ("OM", "IM") if m in self.modalities]
         has_tem = "TEM" in self.modalities
@@ -340,16 +348,9 @@ class CMUSConcat(nn.Module):
         checkpoint: str | None = None,
     ) -> None:
         super().__init__()
-        unknown = set(modalities) - set(MODALITIES)
-        if unknown or not modalities:
-            raise ValueError(
-                f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}"
-            )
         self.num_classes = num_classes
-        self.modalities = tuple(m for m in MODALITIES if m in modalities)
-        self.encoders = nn.ModuleDict(
-            {m: create_encoder(encoder, checkpoint=checkpoint) for m in self.modalities}
-        )
+        self.modalities = checked_modalities(modalities)
+        self.encoders = modality_encoders(encoder, self.modalities, checkpoint)
         self.num_features = sum(e.num_features for e in self.encoders.values())
         self.head = Mlp(
             self.num_features, hidden_dim, num_classes, act_layer=nn.ReLU, drop=(dropout, 0.0)

@@ -48,10 +48,20 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def _batches(n_items: int, batch_size: int, order: torch.Tensor | None = None):
-    order = torch.arange(n_items) if order is None else order
-    for start in range(0, n_items, batch_size):
-        yield order[start : start + batch_size].tolist()
+def batch_indices(
+    n_items: int, batch_size: int, order: torch.Tensor | None = None
+) -> list[list[int]]:
+    """Consecutive batches of ``order``; a last batch of a single item joins the one before.
+
+    Batch normalisation cannot train on one sample (a last batch of 1 patient, e.g. 13
+    patients in batches of 4), and dropping it would lose a patient every epoch.
+    """
+    order = (torch.arange(n_items) if order is None else order).tolist()
+    batches = [order[start : start + batch_size] for start in range(0, n_items, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        last = batches.pop()
+        batches[-1] += last
+    return batches
 
 
 @torch.no_grad()
@@ -61,7 +71,7 @@ def predict_proba(
     """Softmax class probabilities of ``samples`` (n, K) and their mean cross-entropy loss."""
     model.eval()
     probs, loss_sum = [], 0.0
-    for indices in _batches(len(samples), batch_size):
+    for indices in batch_indices(len(samples), batch_size):
         batch = _to_device(collate([samples[i] for i in indices], None), device)
         logits = model(batch).float()
         loss_sum += nn.functional.cross_entropy(logits, batch["label"], reduction="sum").item()
@@ -128,7 +138,7 @@ def _train_one_epoch(model, samples, collate, optimiser, settings, generator, de
     started = time.perf_counter()
     order = torch.randperm(len(samples), generator=generator)
     loss_sum, correct = 0.0, 0
-    for indices in _batches(len(samples), settings.batch_size, order):
+    for indices in batch_indices(len(samples), settings.batch_size, order):
         batch = _to_device(collate([samples[i] for i in indices], generator), device)
         loss, logits = _loss_and_logits(model, batch)
         if not math.isfinite(loss.item()):
