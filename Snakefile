@@ -19,6 +19,7 @@ wildcard_constraints:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/segment.smk"
+include: "workflow/rules/patch.smk"
 include: "workflow/rules/cmus.smk"
 
 

@@ -37,6 +37,7 @@ TINY_CONFIG = {
         "genes": {"n_genes": 20, "tumour_set_size": 4, "microenvironment_set_size": 6},
     },
     "manifest": {"min_image_px": {"OM": 32, "IM": 32, "TEM": 32, "WSI": 128, "CT": 8}},
+    "patching": {"patch_px": 64, "workers": 1, "thumbnail_mpp": 4.0},
     "splits": {"schemes": {"kfold3": {"type": "kfold", "n_folds": 3, "label": "disease"}}},
     "methods": {
         "cmus": {
@@ -115,7 +116,12 @@ def tiny_run(tmp_path_factory):
     methods["methods"]["cmus"] |= {"variants": TINY_VARIANTS, "tables": TINY_TABLES}
     method_file.write_text(yaml.safe_dump(methods, sort_keys=False))
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
-    targets = ["results/cmus/fold_all.tsv", "results/cmus/tables", "results/cmus/figures"]
+    targets = [
+        "results/cmus/fold_all.tsv",
+        "results/cmus/tables",
+        "results/cmus/figures",
+        "results/demo/patches/index.tsv",
+    ]
     command = [
         str(BIN / "snakemake"),
         "--cores",
@@ -204,6 +210,20 @@ def test_dag_writes_the_paper_tables_and_figures(tiny_run):
     pictures = {p.name for p in (results / "figures").glob("*.png")}
     assert {"roc_cmus_net.png", "confusion_cmus_net.png", "tsne.png"} <= pictures
     assert any(name.startswith("grad_cam_") for name in pictures)
+
+
+@pytest.mark.integration
+def test_dag_patches_every_slide(tiny_run):
+    from mmdiag.patching.store import open_patch_store
+
+    workdir, _ = tiny_run
+    index = pd.read_csv(workdir / "results/demo/patches/index.tsv", sep="\t")
+    assert len(index) == 1 and (index["n_patches"] > 0).all()  # the tiny cohort has one slide
+    store = open_patch_store(workdir / index["store"].iloc[0])
+    assert store.scales == ["20x", "10x", "5x"]
+    assert store.pixels("5x", 0).shape == (64, 64, 3)
+    assert store.attrs["mpp_source"] == "metadata"
+    assert (workdir / "results/demo/masks/tissue/wsi").is_dir()
 
 
 @pytest.mark.integration

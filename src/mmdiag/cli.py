@@ -359,5 +359,68 @@ def figures(
     log.info("%s: %d figures in %s", method, len(written), out_dir)
 
 
+@app.command()
+def patch(
+    manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
+    image_id: Annotated[str, typer.Option(help="The slide's image_id in the manifest.")],
+    out: Annotated[Path, typer.Option(help="The slide's zarr store to write (.zarr).")],
+    mask: Annotated[Path, typer.Option(help="Tissue mask PNG to write.")],
+    qc: Annotated[Path, typer.Option(help="QC overlay PNG to write (thumbnail, mask, grid).")],
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """Segment a slide's tissue and store its concentric multi-scale patches (zarr)."""
+    from mmdiag.data.manifest import read_manifest
+    from mmdiag.patching.pipeline import patch_slide
+    from mmdiag.patching.slide import SlideError
+
+    settings = _settings(config, settings_json)["patching"]
+    manifest = read_manifest(manifest_path)
+    rows = manifest[manifest["image_id"] == image_id]
+    if len(rows) != 1:
+        _fail(f"{manifest_path}: no single row with image_id {image_id!r}")
+    row = rows.iloc[0]
+    mpp = row.get("mpp") if "mpp" in rows.columns else None
+    try:
+        patch_slide(
+            Path(row["path"]),
+            settings,
+            store_path=out,
+            mask_path=mask,
+            qc_path=qc,
+            mpp_override=float(mpp) if mpp is not None and mpp == mpp else None,
+        )
+    except SlideError as error:
+        _fail(str(error))
+
+
+@app.command("patch-index")
+def patch_index(
+    stores: Annotated[list[Path], typer.Argument(help="The cohort's zarr patch stores.")],
+    out: Annotated[Path, typer.Option(help="Index TSV to write.")],
+) -> None:
+    """List a cohort's patch stores with their patch counts and µm/px (checks each is complete)."""
+    import pandas as pd
+
+    from mmdiag.io import write_tsv
+    from mmdiag.patching.store import open_patch_store
+
+    rows = []
+    for path in stores:
+        store = open_patch_store(path)
+        rows.append(
+            {
+                "store": str(path),
+                "slide_path": store.attrs["slide_path"],
+                "n_patches": len(store.grid),
+                "mpp": store.attrs["mpp"],
+                "mpp_source": store.attrs["mpp_source"],
+            }
+        )
+    index = pd.DataFrame(rows)
+    write_tsv(index, out)
+    log.info("%s: %d slides, %d patches", out, len(index), int(index["n_patches"].sum()))
+
+
 if __name__ == "__main__":
     app()

@@ -4,6 +4,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pandas as pd
 from snakemake.exceptions import WorkflowError
 
 from mmdiag.config import ConfigError, validate_config
@@ -148,6 +149,16 @@ def get_method_inputs(method):
         "manifest": f"results/{settings['cohort']}/manifest.tsv",
         "splits": f"results/{settings['cohort']}/splits/{settings['split']}.json",
     }
+
+
+def get_cohort_patch_stores(wildcards):
+    """Every WSI of a cohort's manifest as a patch store (the manifest is a checkpoint)."""
+    manifest_path = checkpoints.manifest.get(cohort=wildcards.cohort).output.manifest
+    manifest = pd.read_csv(manifest_path, sep="\t", dtype=str, keep_default_na=False)
+    slides = manifest.loc[manifest["modality"] == "WSI", "image_id"]
+    return [
+        f"results/{wildcards.cohort}/patches/{slide}.zarr" for slide in sorted(slides)
+    ]
 
 
 def get_final_outputs():

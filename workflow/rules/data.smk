@@ -20,7 +20,7 @@ rule synth:
         " --no-progress > {log} 2>&1"
 
 
-rule manifest:
+checkpoint manifest:
     input:
         unpack(get_cohort_source),
     output:

@@ -1,0 +1,106 @@
+"""Patch one whole-slide image: tissue mask, concentric multi-scale grid, pixels, zarr store.
+
+Side effects: writes the slide's zarr store, its tissue mask PNG and a QC overlay PNG (the
+thumbnail, the mask contour and the patch grid), each atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+import mmdiag
+from mmdiag.io import sha256_file
+from mmdiag.patching.engine import extract_patches_multiscale
+from mmdiag.patching.slide import Slide
+from mmdiag.patching.store import write_patch_store
+from mmdiag.patching.tiling import concentric_grid, grid_scales
+from mmdiag.patching.tissue import tissue_mask, write_mask_png, write_tissue_qc
+
+log = logging.getLogger(__name__)
+
+
+def patch_slide(
+    slide_path: Path,
+    settings: Mapping,
+    *,
+    store_path: Path,
+    mask_path: Path,
+    qc_path: Path,
+    mpp_override: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Segment, tile and (optionally) extract one slide; return a summary row for the index."""
+    started = time.perf_counter()
+    with Slide(slide_path, mpp_override=mpp_override, default_mpp=settings["default_mpp"]) as slide:
+        info = slide.info
+        thumbnail, thumb_mpp = slide.thumbnail(settings["thumbnail_mpp"])
+    mask = tissue_mask(thumbnail, **settings["tissue"])
+    grid = concentric_grid(
+        info,
+        mask,
+        thumb_mpp,
+        base_mpp=settings["base_mpp"],
+        patch_px=settings["patch_px"],
+        context_factors=tuple(settings["context_factors"]),
+        min_tissue=settings["min_tissue"],
+    )
+    names = grid_scales(grid)
+    boxes = _thumbnail_boxes(grid, names[0], info.mpp / thumb_mpp)
+    write_mask_png(mask, mask_path)
+    write_tissue_qc(thumbnail, mask, boxes, qc_path)
+    pixels = None
+    if settings["save_pixels"]:
+        regions = [grid[[f"x_{n}", f"y_{n}", f"size_{n}"]].to_numpy() for n in names]
+        arrays = extract_patches_multiscale(
+            slide_path,
+            regions,
+            out_px=settings["patch_px"],
+            workers=settings["workers"],
+            block_px=settings["block_px"],
+            progress=progress,
+        )
+        pixels = dict(zip(names, arrays, strict=True))
+    attrs = {
+        "slide_path": str(Path(slide_path).resolve()),
+        "sha256": sha256_file(slide_path),
+        "mpp": info.mpp,
+        "mpp_source": info.mpp_source,
+        "objective_power": info.objective_power,
+        "scales": names,
+        "parameters": dict(settings),
+        "mmdiag_version": mmdiag.__version__,
+    }
+    write_patch_store(store_path, grid, attrs=attrs, pixels=pixels)
+    seconds = time.perf_counter() - started
+    log.info(
+        "%s: %d patches at %s (+ %s contexts), mpp %.4g (%s), %.1f s",
+        slide_path,
+        len(grid),
+        names[0],
+        ", ".join(names[1:]),
+        info.mpp,
+        info.mpp_source,
+        seconds,
+    )
+    return {
+        "slide": str(slide_path),
+        "store": str(store_path),
+        "n_patches": len(grid),
+        "mpp": info.mpp,
+        "mpp_source": info.mpp_source,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _thumbnail_boxes(grid, base_name: str, scale: float) -> list[tuple[int, int, int, int]]:
+    """The base patches' squares in thumbnail pixels, for the QC overlay."""
+    x, y, size = (grid[f"{k}_{base_name}"].to_numpy() * scale for k in ("x", "y", "size"))
+    return [
+        (int(a), int(b), int(a + s), int(b + s))
+        for a, b, s in zip(np.round(x), np.round(y), np.round(size), strict=True)
+    ]

@@ -1,0 +1,200 @@
+"""Tests for the block-wise patch-extraction engine, against a slow per-region reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from PIL import Image
+
+ENGINE_PATH = Path(__file__).parents[1] / "src" / "mmdiag" / "patching" / "engine.py"
+
+
+def _load_engine():
+    try:
+        from mmdiag.patching import engine
+    except ImportError:  # the package may not be importable while it is being written
+        spec = importlib.util.spec_from_file_location("mmdiag.patching.engine", ENGINE_PATH)
+        engine = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = engine
+        spec.loader.exec_module(engine)
+    return engine
+
+
+engine = _load_engine()
+
+SLIDE_W, SLIDE_H = 3000, 2000
+DOWNSAMPLES = (1, 2, 4)
+
+
+def write_test_svs(path: Path, width: int, height: int, downsamples=DOWNSAMPLES, seed: int = 0):
+    """A small tiled-JPEG Aperio-style SVS with noisy blobs, one level per downsample."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+    base = coarse.repeat(16, 0).repeat(16, 1)[:height, :width].astype(np.int16)
+    base = (base + rng.integers(-30, 30, base.shape, dtype=np.int16)).clip(0, 255)
+    with tifffile.TiffWriter(path) as tw:
+        for i, ds in enumerate(downsamples):
+            lw, lh = width // ds, height // ds
+            level = base[: lh * ds, : lw * ds].reshape(lh, ds, lw, ds, 3).mean((1, 3))
+            if i == 0:
+                desc = (
+                    f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}]"
+                    " (256x256) JPEG/RGB Q=85|AppMag = 20|MPP = 0.5"
+                )
+            else:
+                desc = (
+                    f"Aperio Image Library v12.0.15 \r\n{width}x{height} -> {lw}x{lh} - "
+                    "|AppMag = 20|MPP = 0.5"
+                )
+            tw.write(
+                level.astype(np.uint8),
+                tile=(256, 256),
+                compression="jpeg",
+                compressionargs={"level": 85},
+                photometric="rgb",
+                description=desc,
+                subfiletype=0 if i == 0 else 1,
+                metadata=None,
+            )
+
+
+def reference_patches(slide_path: Path, regions: np.ndarray, out_px: int) -> np.ndarray:
+    """The straightforward way: one read_region per region at the chosen level."""
+    slide = openslide.OpenSlide(str(slide_path))
+    out = []
+    for x0, y0, size in regions.tolist():
+        level = engine.choose_level(slide.level_downsamples, size, out_px)
+        side = math.ceil(size / slide.level_downsamples[level])
+        rgba = slide.read_region((x0, y0), level, (side, side))
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        out.append(np.asarray(rgb.resize((out_px, out_px), Image.Resampling.BOX)))
+    slide.close()
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("slide") / "test.svs"
+    write_test_svs(path, SLIDE_W, SLIDE_H)
+    return path
+
+
+def random_regions(rng, n: int, size: int, margin: int) -> np.ndarray:
+    x = rng.integers(-margin, SLIDE_W + margin - size, n)
+    y = rng.integers(-margin, SLIDE_H + margin - size, n)
+    return np.stack([x, y, np.full(n, size)], axis=1)
+
+
+def test_test_slide_is_read_as_aperio(slide_path):
+    slide = openslide.OpenSlide(str(slide_path))
+    assert slide.properties[openslide.PROPERTY_NAME_VENDOR] == "aperio"
+    assert slide.level_downsamples == (1.0, 2.0, 4.0)
+    assert float(slide.properties[openslide.PROPERTY_NAME_MPP_X]) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("size", "out_px"),
+    [
+        (64, 64),  # level 0, no resize
+        (96, 48),  # level 1, no resize
+        (256, 64),  # level 2, no resize
+        (300, 100),  # level 1 (ds 3 -> 2), non-integer resize 150 -> 100
+        (160, 64),  # level 1 (ds 2.5 -> 2), 80 -> 64
+        (50, 100),  # upsampling from level 0
+    ],
+)
+def test_matches_per_region_reference(slide_path, size, out_px):
+    rng = np.random.default_rng(size)
+    # Odd coordinates give sub-pixel phases at levels 1 and 2; the margin puts regions
+    # across the slide borders (white padding); block_px 256 puts them across block borders.
+    regions = random_regions(rng, 60, size, margin=size // 2)
+    expected = reference_patches(slide_path, regions, out_px)
+    got = engine.extract_patches(slide_path, regions, out_px=out_px, block_px=256)
+    assert got.dtype == np.uint8 and got.shape == (60, out_px, out_px, 3)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_white_outside_slide(slide_path):
+    regions = np.array([[-200, -200, 100], [SLIDE_W + 10, 0, 100], [SLIDE_W - 50, 0, 100]])
+    got = engine.extract_patches(slide_path, regions, out_px=100)
+    assert (got[0] == 255).all() and (got[1] == 255).all()
+    assert (got[2][:, 50:] == 255).all() and not (got[2][:, :50] == 255).all()
+
+
+def test_grid_with_contexts_crosses_blocks(slide_path):
+    """A patch grid with concentric contexts, as the pipeline uses it, across block borders."""
+    xs, ys = np.meshgrid(np.arange(0, SLIDE_W, 128), np.arange(0, SLIDE_H, 128))
+    centres = np.stack([xs.ravel() + 64, ys.ravel() + 64], axis=1)
+    scales = [
+        np.column_stack([centres - s // 2, np.full(len(centres), s)]) for s in (128, 256, 512)
+    ]
+    got = engine.extract_patches_multiscale(slide_path, scales, out_px=64, block_px=300)
+    for regions, patches in zip(scales, got, strict=True):
+        sample = np.random.default_rng(0).choice(len(regions), 40, replace=False)
+        np.testing.assert_array_equal(
+            patches[sample], reference_patches(slide_path, regions[sample], 64)
+        )
+        single = engine.extract_patches(slide_path, regions, out_px=64, block_px=4096)
+        np.testing.assert_array_equal(patches, single)
+
+
+def test_independent_of_workers_and_block_px(slide_path):
+    rng = np.random.default_rng(1)
+    regions = random_regions(rng, 200, 128, margin=64)
+    one = engine.extract_patches(slide_path, regions, out_px=64, workers=1, block_px=4096)
+    small = engine.extract_patches(slide_path, regions, out_px=64, workers=1, block_px=512)
+    two = engine.extract_patches(slide_path, regions, out_px=64, workers=2, block_px=512)
+    np.testing.assert_array_equal(one, small)
+    np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize(("ratio", "level"), [(1, 0), (2, 1), (4, 2), (3, 1), (1.5, 0), (8, 2)])
+def test_choose_level(slide_path, ratio, level):
+    slide = openslide.OpenSlide(str(slide_path))
+    assert engine.choose_level(slide.level_downsamples, 256 * ratio, 256) == level
+
+
+def test_choose_level_tolerates_aperio_downsamples():
+    assert engine.choose_level([1.0, 4.0002, 16.001], 1024, 256) == 1
+
+
+def test_empty_regions(slide_path):
+    got = engine.extract_patches(slide_path, np.zeros((0, 3), int), out_px=32)
+    assert got.shape == (0, 32, 32, 3)
+
+
+def test_missing_slide_raises(tmp_path):
+    missing = tmp_path / "nope.svs"
+    with pytest.raises(ValueError, match="nope.svs"):
+        engine.extract_patches(missing, np.array([[0, 0, 10]]), out_px=10)
+
+
+def test_non_slide_file_raises(tmp_path):
+    bogus = tmp_path / "notes.svs"
+    bogus.write_text("not a slide")
+    with pytest.raises(ValueError, match="notes.svs"):
+        engine.extract_patches(bogus, np.array([[0, 0, 10]]), out_px=10)
+
+
+@pytest.mark.parametrize(
+    ("regions", "kwargs", "match"),
+    [
+        (np.zeros((3, 2), int), {"out_px": 8}, "regions"),
+        (np.array([[0, 0, 8], [0, 0, 16]]), {"out_px": 8}, "same size"),
+        (np.array([[0.0, 0.0, 8.0]]), {"out_px": 8}, "integer"),
+        (np.array([[0, 0, 8]]), {"out_px": 0}, "out_px"),
+        (np.array([[0, 0, 8]]), {"out_px": 8, "workers": 0}, "workers"),
+        (np.array([[0, 0, 8]]), {"out_px": 8, "block_px": 0}, "block_px"),
+    ],
+)
+def test_invalid_arguments(slide_path, regions, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        engine.extract_patches(slide_path, regions, **kwargs)
