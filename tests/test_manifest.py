@@ -425,3 +425,12 @@ def test_real_files_in_a_user_manifest(tmp_path: Path) -> None:
         hashlib.sha256(dcm.read_bytes()).hexdigest(),
         hashlib.sha256(svs.read_bytes()).hexdigest(),
     ]
+
+
+def test_optional_mpp_column_is_carried_and_checked(cohort: Path) -> None:
+    _edit_tsv(cohort / "images.tsv", lambda t: t.assign(mpp=["0.25"] + [""] * (len(t) - 1)))
+    frame = build_manifest(cohort_root=cohort, rules=RULES)
+    assert frame["mpp"].notna().sum() == 1 and frame["mpp"].max() == 0.25
+    _edit_tsv(cohort / "images.tsv", lambda t: t.assign(mpp=["-1"] + [""] * (len(t) - 1)))
+    message = _error(cohort_root=cohort)
+    assert "images.tsv" in message and "mpp '-1' is not a positive number" in message

@@ -28,6 +28,9 @@ Modality ``MR`` is accepted beside the five above and read like ``CT``.
 stops at the first kind of problem with a :class:`ManifestError` that lists every instance of
 that kind (up to :data:`MAX_LISTED`), naming the file, the row or patient, and the problem.
 
+``images.tsv`` (or a user manifest) may carry an ``mpp`` column: a slide's micrometres per
+pixel, which overrides the file's metadata when patching (empty: use the metadata).
+
 The manifest columns, in order, are :data:`MANIFEST_COLUMNS`; rows are sorted by
 ``patient_id, modality, path``; ``path`` is absolute and resolved; ``image_id`` is the path
 below the cohort folder without its suffix (``ct/P001.nii.gz`` -> ``ct/P001``; the file stem
@@ -83,6 +86,7 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "mn_stage",
     "survival_months",
     "event",
+    "mpp",
 )
 LABEL_COLUMNS: tuple[str, ...] = ("disease", "mn_stage", "survival_months", "event")
 OPTIONAL_LABEL_COLUMNS: tuple[str, ...] = ("mn_stage", "survival_months", "event")
@@ -233,6 +237,8 @@ def _load_cohort_folder(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             for pid, group in duplicated.groupby("patient_id", sort=True)
         ]
         raise ManifestError(_listing(clinical_path, "duplicate patient ids", lines))
+    if "mpp" not in images.columns:
+        images["mpp"] = ""
     images["row"] = _row_numbers(images)
     source = {"clinical": clinical_path, "images": images_path, "base": root}
     return images, clinical, source
@@ -253,7 +259,9 @@ def _load_user_manifest(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     if lines:
         raise ManifestError(_listing(path, "inconsistent labels within a patient", lines))
     clinical = table.drop_duplicates("patient_id")[["patient_id", *LABEL_COLUMNS, "row"]]
-    images = table[[*IMAGE_COLUMNS, "row"]]
+    if "mpp" not in table.columns:
+        table["mpp"] = ""
+    images = table[[*IMAGE_COLUMNS, "mpp", "row"]]
     source = {"clinical": path, "images": path, "base": path.parent}
     return images, clinical, source
 
@@ -332,6 +340,11 @@ def _check_images_table(
             lines.append(
                 f"row {row.row} (patient {row.patient_id!r}): modality {row.modality!r} "
                 f"is not one of {list(MODALITIES)}"
+            )
+        elif row.mpp != "" and not _positive_number(row.mpp):
+            lines.append(
+                f"row {row.row} (patient {row.patient_id!r}): mpp {row.mpp!r} is not a "
+                "positive number of micrometres per pixel"
             )
     if lines:
         raise ManifestError(_listing(path, "malformed image rows", lines))
@@ -471,7 +484,15 @@ def _with_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
     survival = pd.to_numeric(_blank_to_nan(frame["survival_months"]), errors="raise")
     frame["survival_months"] = survival.astype("float64")
     frame["event"] = pd.to_numeric(_blank_to_nan(frame["event"]), errors="raise").astype("Int64")
+    frame["mpp"] = pd.to_numeric(_blank_to_nan(frame["mpp"]), errors="raise").astype("float64")
     return frame
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def _blank_to_nan(series: pd.Series) -> pd.Series:
