@@ -2,12 +2,15 @@
 import json
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pandas as pd
 from snakemake.exceptions import WorkflowError
 
-from mmdiag.config import ConfigError, validate_config
+# The checkout's package validates the config, also where mmdiag is not installed.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from mmdiag.config import ConfigError, validate_config  # noqa: E402
 
 try:
     config.update(validate_config(config))
