@@ -19,7 +19,12 @@ from mmdiag.patching.engine import extract_patches_multiscale
 from mmdiag.patching.slide import Slide
 from mmdiag.patching.store import write_patch_store
 from mmdiag.patching.tiling import concentric_grid, grid_scales
-from mmdiag.patching.tissue import tissue_mask, write_mask_png, write_tissue_qc
+from mmdiag.patching.tissue import (
+    refine_with_sam,
+    tissue_mask,
+    write_mask_png,
+    write_tissue_qc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,14 @@ def patch_slide(
         info = slide.info
         thumbnail, thumb_mpp = slide.thumbnail(settings["thumbnail_mpp"])
     mask = tissue_mask(thumbnail, **settings["tissue"])
+    sam = settings["tissue_sam"]
+    if sam["checkpoint"]:
+        from mmdiag.segment.sam import load_sam
+
+        predictor = load_sam(Path(sam["checkpoint"]), sam["model_type"])
+        mask = refine_with_sam(
+            thumbnail, mask, predictor, min_object_px=settings["tissue"]["min_object_px"]
+        )
     grid = concentric_grid(
         info,
         mask,

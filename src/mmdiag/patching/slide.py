@@ -133,6 +133,8 @@ class Slide:
     ) -> None:
         self.path = Path(path)
         self._openslide = None
+        self._vendor = None
+        self._vips_pages: list = []
         self._tiff = None
         self._levels: list = []
         if not self.path.is_file():
@@ -142,6 +144,8 @@ class Slide:
             backend, metadata_mpp, objective_power = self._open_ome()
         elif name.endswith(OPENSLIDE_SUFFIXES):
             backend, metadata_mpp, objective_power = self._open_openslide()
+            if self._vendor == "generic-tiff" and self._open_pyvips_pages():
+                backend = "pyvips"
         else:
             raise SlideError(
                 f"slide {self.path}: unsupported format {self.path.suffix!r} "
@@ -173,6 +177,7 @@ class Slide:
         except openslide.OpenSlideError as error:
             raise SlideError(f"slide {self.path}: corrupt or unreadable ({error})") from error
         self._openslide = handle
+        self._vendor = handle.properties.get(openslide.PROPERTY_NAME_VENDOR)
         self._level_dimensions = tuple((int(w), int(h)) for w, h in handle.level_dimensions)
         self._level_downsamples = tuple(float(d) for d in handle.level_downsamples)
         props = handle.properties
@@ -215,6 +220,26 @@ class Slide:
         self._level_downsamples = tuple(width0 / w for w, _ in self._level_dimensions)
         return "tifffile", _ome_physical_size_um(tiff.ome_metadata), None
 
+    def _open_pyvips_pages(self) -> bool:
+        """Plain pyramidal TIFF: read its levels (TIFF pages) with libvips, about 4-5x faster
+        than OpenSlide's generic-TIFF reader here (``benchmarks`` in the README). Falls back
+        to OpenSlide when the pages do not match OpenSlide's levels."""
+        try:
+            import pyvips
+
+            first = pyvips.Image.new_from_file(str(self.path), access="random")
+            n_pages = first.get("n-pages") if "n-pages" in first.get_fields() else 1
+            pages = [
+                pyvips.Image.new_from_file(str(self.path), page=k, access="random")
+                for k in range(min(n_pages, len(self._level_dimensions)))
+            ]
+        except Exception:  # libvips without TIFF support, or pages it cannot read
+            return False
+        if tuple((p.width, p.height) for p in pages) != self._level_dimensions:
+            return False
+        self._vips_pages = pages
+        return True
+
     def _resolve_mpp(
         self, override, metadata_mpp, objective_power, default_mpp
     ) -> tuple[float, str]:
@@ -254,12 +279,33 @@ class Slide:
             raise ValueError(f"level must be in [0, {len(self._level_dimensions)}), got {level}")
         if width <= 0 or height <= 0:
             raise ValueError(f"width and height must be > 0, got {width}x{height}")
+        if self._vips_pages:
+            return self._read_vips_level(
+                level, int(x0_level0), int(y0_level0), int(width), int(height)
+            )
         if self._openslide is not None:
             region = self._openslide.read_region(
                 (int(x0_level0), int(y0_level0)), level, (int(width), int(height))
             )
             return _to_rgb(np.asarray(region))
         return self._read_tiff_level(level, int(x0_level0), int(y0_level0), int(width), int(height))
+
+    def _read_vips_level(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
+        page = self._vips_pages[level]
+        downsample = self._level_downsamples[level]
+        x, y = int(math.floor(x0 / downsample)), int(math.floor(y0 / downsample))
+        out = np.full((height, width, 3), 255, np.uint8)
+        xa, ya = max(x, 0), max(y, 0)
+        xb, yb = min(x + width, page.width), min(y + height, page.height)
+        if xa < xb and ya < yb:
+            region = page.crop(xa, ya, xb - xa, yb - ya)
+            window = np.ndarray(
+                buffer=region.write_to_memory(),
+                dtype=np.uint8,
+                shape=(yb - ya, xb - xa, region.bands),
+            )
+            out[ya - y : yb - y, xa - x : xb - x] = _to_rgb(window)
+        return out
 
     def _read_tiff_level(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
         array = self._levels[level]
@@ -329,6 +375,7 @@ class Slide:
             self._tiff.close()
             self._tiff = None
         self._levels = []
+        self._vips_pages = []
 
     def __enter__(self) -> Slide:
         return self

@@ -116,6 +116,29 @@ def tissue_mask(
     return mask | small_holes
 
 
+def refine_with_sam(
+    rgb: np.ndarray, mask: np.ndarray, predictor, *, min_object_px: int = 64
+) -> np.ndarray:
+    """Refine a classical tissue mask with SAM, one box prompt per tissue piece.
+
+    Each connected piece of ``mask`` (at least ``min_object_px``) becomes a box prompt; SAM's
+    mask for it replaces the piece, and a piece for which SAM finds nothing keeps its classical
+    mask. ``predictor`` comes from :func:`mmdiag.segment.load_sam` (the CMUS segmentation code).
+    """
+    from mmdiag.segment.glomerulus import mask_to_box
+    from mmdiag.segment.sam import Prompt, sam_mask
+
+    labels, n_pieces = ndimage.label(mask)
+    refined = np.zeros_like(mask, dtype=bool)
+    for piece in range(1, n_pieces + 1):
+        classical = labels == piece
+        if classical.sum() < min_object_px:
+            continue
+        proposal = sam_mask(predictor, rgb, Prompt(box=mask_to_box(classical)))
+        refined |= proposal if proposal.any() else classical
+    return refined
+
+
 def _touching_border(mask: np.ndarray) -> np.ndarray:
     """The parts of ``mask`` connected to the image border (background, not holes)."""
     labels, _ = ndimage.label(mask)
