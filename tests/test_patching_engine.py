@@ -109,6 +109,9 @@ def test_test_slide_is_read_as_aperio(slide_path):
         (300, 100),  # level 1 (ds 3 -> 2), non-integer resize 150 -> 100
         (160, 64),  # level 1 (ds 2.5 -> 2), 80 -> 64
         (50, 100),  # upsampling from level 0
+        (512, 64),  # level 2, exact 2x box reduction 128 -> 64 (numpy path)
+        (1024, 64),  # level 2, exact 4x box reduction 256 -> 64
+        (384, 64),  # level 2, 3x reduction 96 -> 64 (PIL path)
     ],
 )
 def test_matches_per_region_reference(slide_path, size, out_px):
@@ -120,6 +123,20 @@ def test_matches_per_region_reference(slide_path, size, out_px):
     got = engine.extract_patches(slide_path, regions, out_px=out_px, block_px=256)
     assert got.dtype == np.uint8 and got.shape == (60, out_px, out_px, 3)
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("factor", [2, 4, 8])
+@pytest.mark.parametrize("side", [8, 64, 200])
+def test_box_reduce_matches_pil(factor, side):
+    rgb = np.random.default_rng(side).integers(0, 256, (side * factor, side * factor + factor, 3))
+    rgb = rgb.astype(np.uint8)
+    expected = Image.fromarray(rgb).resize((side + 1, side), Image.Resampling.BOX)
+    np.testing.assert_array_equal(engine._box_reduce(rgb, factor), np.asarray(expected))
+    view = rgb[:, ::-1]  # strided input
+    expected = Image.fromarray(np.ascontiguousarray(view)).resize(
+        (side + 1, side), Image.Resampling.BOX
+    )
+    np.testing.assert_array_equal(engine._box_reduce(view, factor), np.asarray(expected))
 
 
 def test_white_outside_slide(slide_path):
@@ -154,6 +171,25 @@ def test_independent_of_workers_and_block_px(slide_path):
     two = engine.extract_patches(slide_path, regions, out_px=64, workers=2, block_px=512)
     np.testing.assert_array_equal(one, small)
     np.testing.assert_array_equal(one, two)
+
+
+def test_multiscale_workers_write_shared_outputs(slide_path):
+    """Workers fill the (shared) outputs of all scales, as one process does."""
+    xs, ys = np.meshgrid(np.arange(0, SLIDE_W, 256), np.arange(0, SLIDE_H, 256))
+    centres = np.stack([xs.ravel() + 128, ys.ravel() + 128], axis=1)
+    scales = [
+        np.column_stack([centres - s // 2, np.full(len(centres), s)]) for s in (256, 512, 1024)
+    ]
+    one = engine.extract_patches_multiscale(slide_path, scales, out_px=128, block_px=1024)
+    two = engine.extract_patches_multiscale(slide_path, scales, out_px=128, workers=2, block_px=512)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+        b[0] = 0  # the returned arrays are writable
+    sample = [0, len(centres) // 2, len(centres) - 1]
+    for regions, patches in zip(scales, one, strict=True):
+        np.testing.assert_array_equal(
+            patches[sample], reference_patches(slide_path, regions[sample], 128)
+        )
 
 
 @pytest.mark.parametrize(("ratio", "level"), [(1, 0), (2, 1), (4, 2), (3, 1), (1.5, 0), (8, 2)])

@@ -24,8 +24,12 @@ slower).
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 import multiprocessing
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import openslide
+import openslide.lowlevel
 from PIL import Image
 
 __all__ = ["choose_level", "extract_patches", "extract_patches_multiscale"]
@@ -103,6 +108,7 @@ def _plan_blocks(
     level_downsamples: Sequence[float],
     out_px: int,
     block_px: int,
+    level_dimensions: Sequence[tuple[int, int]] | None = None,
 ) -> list[_Block]:
     """Group regions of all scales into blocks per (level, sub-pixel phase, grid cell)."""
     members: dict[tuple, list[tuple[int, np.ndarray]]] = {}
@@ -116,8 +122,15 @@ def _plan_blocks(
         y_level = regions[:, 1] / downsample
         x_floor, y_floor = np.floor(x_level), np.floor(y_level)
         phase_x, phase_y = x_level - x_floor, y_level - y_floor
-        cell_x = np.floor_divide(x_floor, block_px).astype(np.int64)
-        cell_y = np.floor_divide(y_floor, block_px).astype(np.int64)
+        # Regions hanging over the slide border join the edge cell, so that a thin block of
+        # them does not decode again the tiles of its neighbour. Only at phase 0: OpenSlide
+        # does not interpolate a read at a negative sub-pixel location like a positive one.
+        width, height = level_dimensions[level] if level_dimensions else (np.inf, np.inf)
+        aligned = (phase_x == 0) & (phase_y == 0)
+        x_cell = np.where(aligned, np.clip(x_floor, 0, max(width - 1, 0)), x_floor)
+        y_cell = np.where(aligned, np.clip(y_floor, 0, max(height - 1, 0)), y_floor)
+        cell_x = np.floor_divide(x_cell, block_px).astype(np.int64)
+        cell_y = np.floor_divide(y_cell, block_px).astype(np.int64)
         order = np.lexsort((cell_x, cell_y, phase_y, phase_x))
         sorted_keys = np.stack([phase_x, phase_y, cell_y, cell_x], axis=1)[order]
         boundaries = np.flatnonzero((sorted_keys[1:] != sorted_keys[:-1]).any(axis=1)) + 1
@@ -160,21 +173,123 @@ def _plan_blocks(
     return blocks
 
 
+def _bgra_to_rgb(words: np.ndarray) -> np.ndarray:
+    """Little-endian ARGB words (bytes B, G, R, A) to a contiguous RGB array.
+
+    One channel at a time: numpy copies long strided rows much faster than 3-byte pixels.
+    """
+    bgra = words.view(np.uint8).reshape(*words.shape, 4)
+    rgb = np.empty((*words.shape, 3), np.uint8)
+    for channel in range(3):
+        rgb[..., channel] = bgra[..., 2 - channel]
+    return rgb
+
+
 def _read_rgb_over_white(
     slide: openslide.OpenSlide, location: tuple[int, int], level: int, size: tuple[int, int]
-) -> Image.Image:
-    """``read_region`` composited over white, as an RGB image."""
+) -> np.ndarray:
+    """``read_region`` composited over white, as an (h, w, 3) uint8 RGB array (maybe a view).
+
+    Reads OpenSlide's premultiplied ARGB words straight into a numpy buffer when the low-level
+    binding allows it (skipping the RGBA PIL image and its copies). Pixels of alpha 255 are
+    their colour and pixels of alpha 0 (outside the slide) are white after compositing, both
+    exactly as ``Image.alpha_composite`` gives them; a block with partial alpha takes the PIL
+    path.
+    """
+    width, height = size
+    read = getattr(openslide.lowlevel, "_read_region", None)
+    if read is not None and sys.byteorder == "little" and width and height:
+        words = np.empty((height, width), np.uint32)
+        read(
+            slide._osr,
+            words.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)),
+            *location,
+            level,
+            width,
+            height,
+        )
+        opaque = np.uint32(0xFF000000)
+        if not (words < opaque).any():
+            return _bgra_to_rgb(words)
+        alpha = words >> 24
+        transparent = alpha == 0
+        if (transparent | (alpha == 255)).all():
+            words[transparent] = 0xFFFFFFFF
+            return _bgra_to_rgb(words)
     rgba = slide.read_region(location, level, size)
     if rgba.getchannel("A").getextrema()[0] == 255:
-        return rgba.convert("RGB")
+        return np.asarray(rgba.convert("RGB"))
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
+    return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
 
 
-def _resize(image: Image.Image, box: tuple[int, int, int, int], out_px: int) -> Image.Image:
-    if box[2] - box[0] == out_px and box[3] - box[1] == out_px:
-        return image.crop(box)
-    return image.crop(box).resize((out_px, out_px), Image.Resampling.BOX)
+def _box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
+    """``Image.resize(..., BOX)`` by an exact power-of-two ``factor``, bit for bit.
+
+    PIL resamples horizontally, rounds to uint8, then vertically, with fixed-point weights;
+    for a power-of-two factor the weights ``1 / factor`` are exact, so each pass is the
+    rounded mean ``(sum + factor // 2) // factor``. ``pixels`` sides are multiples of factor.
+    """
+    wide = np.uint16 if factor <= 128 else np.uint32
+    shift = factor.bit_length() - 1
+    acc = np.add(pixels[:, 0::factor], pixels[:, 1::factor], dtype=wide)
+    for i in range(2, factor):
+        acc += pixels[:, i::factor]
+    acc += factor // 2
+    acc >>= shift
+    rows = np.add(acc[0::factor], acc[1::factor])
+    for i in range(2, factor):
+        rows += acc[i::factor]
+    rows += factor // 2
+    rows >>= shift
+    return rows.astype(np.uint8)
+
+
+def _integer_factor(side_px: int, out_px: int) -> int | None:
+    """The power-of-two reduction factor from ``side_px`` to ``out_px`` (1 for none), or None."""
+    if side_px % out_px:
+        return None
+    factor = side_px // out_px
+    return factor if factor & (factor - 1) == 0 else None
+
+
+def _fill_group(
+    rgb: np.ndarray,
+    offsets: np.ndarray,
+    side_px: int,
+    out_px: int,
+    out: np.ndarray,
+    targets: list[int],
+) -> None:
+    """Crop (and resize) every region of one group from the block into ``out[targets]``."""
+    factor = _integer_factor(side_px, out_px)
+    if factor == 1:
+        for t, (dx, dy) in zip(targets, offsets.tolist(), strict=True):
+            out[t] = rgb[dy : dy + side_px, dx : dx + side_px]
+        return
+    if factor is None:
+        for t, (dx, dy) in zip(targets, offsets.tolist(), strict=True):
+            crop = Image.fromarray(np.ascontiguousarray(rgb[dy : dy + side_px, dx : dx + side_px]))
+            out[t] = np.asarray(crop.resize((out_px, out_px), Image.Resampling.BOX))
+        return
+    # Overlapping regions (concentric contexts on a grid) share their reduction: regions of
+    # the same offset phase modulo `factor` are cut from one reduced bounding box when that
+    # costs less than reducing each region on its own.
+    targets_arr = np.asarray(targets)
+    phase = (offsets % factor) @ np.array([1, factor])
+    for p in np.unique(phase):
+        members = np.flatnonzero(phase == p)
+        sub = offsets[members]
+        x0, y0 = sub.min(axis=0).tolist()
+        x1, y1 = (sub.max(axis=0) + side_px).tolist()
+        if (x1 - x0) * (y1 - y0) < len(members) * side_px * side_px:
+            reduced = _box_reduce(rgb[y0:y1, x0:x1], factor)
+            starts = (sub - [x0, y0]) // factor
+            for t, (sx, sy) in zip(targets_arr[members].tolist(), starts.tolist(), strict=True):
+                out[t] = reduced[sy : sy + out_px, sx : sx + out_px]
+        else:
+            for t, (dx, dy) in zip(targets_arr[members].tolist(), sub.tolist(), strict=True):
+                out[t] = _box_reduce(rgb[dy : dy + side_px, dx : dx + side_px], factor)
 
 
 def _extract_block(
@@ -182,35 +297,67 @@ def _extract_block(
     block: _Block,
     out_px: int,
     outputs: list[np.ndarray] | None = None,
-) -> list[np.ndarray]:
+) -> list[np.ndarray | None]:
     """Patches of one block, per group; written straight into ``outputs`` when given."""
-    image = _read_rgb_over_white(
+    rgb = _read_rgb_over_white(
         slide, (block.x0_level0, block.y0_level0), block.level, (block.width_px, block.height_px)
     )
-    results = []
+    results: list[np.ndarray | None] = []
     for scale, indices, offsets, side_px in block.groups:
         if outputs is None:
-            patches, targets = np.empty((len(offsets), out_px, out_px, 3), np.uint8), None
-        else:  # in-process: skip the intermediate array and the copy out of it
-            patches, targets = outputs[scale], indices.tolist()
-        for k, (dx, dy) in enumerate(offsets.tolist()):
-            patch = _resize(image, (dx, dy, dx + side_px, dy + side_px), out_px)
-            patches[k if targets is None else targets[k]] = np.asarray(patch)
-        results.append(patches if outputs is None else None)
+            patches = np.empty((len(offsets), out_px, out_px, 3), np.uint8)
+            _fill_group(rgb, offsets, side_px, out_px, patches, list(range(len(offsets))))
+            results.append(patches)
+        else:
+            _fill_group(rgb, offsets, side_px, out_px, outputs[scale], indices.tolist())
+            results.append(None)
     return results
 
 
 _worker_slide: openslide.OpenSlide | None = None
+_worker_outputs: list[np.ndarray] | None = None
 
 
-def _init_worker(slide_path: str) -> None:
-    global _worker_slide
+def _shared_outputs(buffer: mmap.mmap, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Consecutive uint8 arrays of the given shapes over one shared mapping."""
+    outputs, offset = [], 0
+    for shape in shapes:
+        count = math.prod(shape)
+        outputs.append(np.frombuffer(buffer, np.uint8, count, offset).reshape(shape))
+        offset += count
+    return outputs
+
+
+def _init_worker(slide_path: str, shared_path: str | None, shapes) -> None:
+    global _worker_slide, _worker_outputs
     _worker_slide = openslide.OpenSlide(slide_path)
+    if shared_path is not None:
+        with open(shared_path, "r+b") as file:
+            size = sum(math.prod(shape) for shape in shapes)
+            _worker_outputs = _shared_outputs(mmap.mmap(file.fileno(), size), shapes)
 
 
-def _extract_block_in_worker(block: _Block, out_px: int) -> list[np.ndarray]:
+def _extract_block_in_worker(block: _Block, out_px: int) -> list[np.ndarray | None]:
     assert _worker_slide is not None
-    return _extract_block(_worker_slide, block, out_px)
+    return _extract_block(_worker_slide, block, out_px, _worker_outputs)
+
+
+def _allocate_outputs(
+    shapes: Sequence[tuple[int, ...]], shared: bool
+) -> tuple[list[np.ndarray], str | None, int | None]:
+    """Output arrays; with ``shared``, over an anonymous shared file the workers map too.
+
+    Workers then write their patches in place instead of pickling them back through a pipe.
+    Returns the arrays, the path workers open and the descriptor to close (None when not
+    shared, or where ``os.memfd_create`` is missing).
+    """
+    size = sum(math.prod(shape) for shape in shapes)
+    if shared and size and hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+        fd = os.memfd_create("mmdiag-patches")
+        os.ftruncate(fd, size)
+        outputs = _shared_outputs(mmap.mmap(fd, size), shapes)
+        return outputs, f"/proc/{os.getpid()}/fd/{fd}", fd
+    return [np.empty(shape, np.uint8) for shape in shapes], None, None
 
 
 def _run_blocks(
@@ -220,16 +367,18 @@ def _run_blocks(
     out_px: int,
     workers: int,
     outputs: list[np.ndarray],
+    shared_path: str | None,
 ) -> Iterator[tuple[_Block, list[np.ndarray | None]]]:
     if workers == 1 or len(blocks) <= 1:
         for block in blocks:
             yield block, _extract_block(slide, block, out_px, outputs)
         return
+    shapes = [o.shape for o in outputs]
     with ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(str(slide_path),),
+        initargs=(str(slide_path), shared_path, shapes),
     ) as pool:
         # Largest blocks first keeps the workers busy to the end.
         by_size = sorted(blocks, key=lambda b: -b.width_px * b.height_px)
@@ -270,19 +419,27 @@ def extract_patches_multiscale(
     ]
     slide = _open_slide(slide_path)
     try:
-        outputs = [np.empty((len(r), out_px, out_px, 3), np.uint8) for r in regions_per_scale]
-        blocks = _plan_blocks(regions_per_scale, slide.level_downsamples, out_px, block_px)
-        results = _run_blocks(slide, slide_path, blocks, out_px, workers, outputs)
-        if progress:
-            from rich.progress import track
+        blocks = _plan_blocks(
+            regions_per_scale, slide.level_downsamples, out_px, block_px, slide.level_dimensions
+        )
+        shapes = [(len(r), out_px, out_px, 3) for r in regions_per_scale]
+        parallel = workers > 1 and len(blocks) > 1
+        outputs, shared_path, fd = _allocate_outputs(shapes, shared=parallel)
+        try:
+            results = _run_blocks(slide, slide_path, blocks, out_px, workers, outputs, shared_path)
+            if progress:
+                from rich.progress import track
 
-            results = track(results, total=len(blocks), description=f"{slide_path.name}")
-        for block, patches_per_group in results:
-            for (scale, indices, _offsets, _side), patches in zip(
-                block.groups, patches_per_group, strict=True
-            ):
-                if patches is not None:
-                    outputs[scale][indices] = patches
+                results = track(results, total=len(blocks), description=f"{slide_path.name}")
+            for block, patches_per_group in results:
+                for (scale, indices, _offsets, _side), patches in zip(
+                    block.groups, patches_per_group, strict=True
+                ):
+                    if patches is not None:
+                        outputs[scale][indices] = patches
+        finally:
+            if fd is not None:
+                os.close(fd)
     finally:
         slide.close()
     return outputs
