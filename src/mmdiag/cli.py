@@ -37,6 +37,13 @@ SettingsJson = Annotated[
     str | None,
     typer.Option(help="Validated settings as JSON (how Snakemake passes them); replaces --config."),
 ]
+MethodName = Annotated[str, typer.Option("--method", help="Method name (a key of methods).")]
+ManifestPath = Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")]
+SplitsPath = Annotated[Path, typer.Option("--splits", help="Split JSON.")]
+GlomeruliPath = Annotated[
+    Path | None,
+    typer.Option("--glomeruli", help="glomeruli.tsv of the segmentation step (OM crops)."),
+]
 
 
 def _setup_logging() -> None:
@@ -147,7 +154,7 @@ def manifest(
 
 @app.command()
 def splits(
-    manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
+    manifest_path: ManifestPath,
     scheme: Annotated[str, typer.Option(help="Name of a scheme under splits.schemes.")],
     out: Annotated[Path, typer.Option(help="Split JSON to write.")],
     config: ConfigFiles = None,
@@ -176,15 +183,13 @@ def splits(
 
 @app.command()
 def train(
-    method: Annotated[str, typer.Option(help="Method name (a key of methods).")],
+    method: MethodName,
     variant: Annotated[str, typer.Option(help="Variant (a row of the method's tables).")],
     fold: Annotated[int, typer.Option(help="Fold index in the split file.")],
-    manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
-    splits_path: Annotated[Path, typer.Option("--splits", help="Split JSON.")],
+    manifest_path: ManifestPath,
+    splits_path: SplitsPath,
     out: Annotated[Path, typer.Option(help="Fold output folder.")],
-    glomeruli: Annotated[
-        Path | None, typer.Option(help="glomeruli.tsv of the segmentation step (OM crops).")
-    ] = None,
+    glomeruli: GlomeruliPath = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
     config: ConfigFiles = None,
     settings_json: SettingsJson = None,
@@ -220,7 +225,7 @@ def train(
 
 @app.command()
 def vote(
-    method: Annotated[str, typer.Option(help="Method name (a key of methods).")],
+    method: MethodName,
     variant: Annotated[str, typer.Option(help="A late_vote variant.")],
     fold: Annotated[int, typer.Option(help="Fold index.")],
     out: Annotated[Path, typer.Option(help="Fold output folder.")],
@@ -253,7 +258,7 @@ def vote(
 
 @app.command()
 def segment(
-    manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
+    manifest_path: ManifestPath,
     out_dir: Annotated[Path, typer.Option(help="Folder for masks/, qc/ and glomeruli.tsv.")],
     method: Annotated[str, typer.Option(help="Method whose segmentation settings apply.")] = "cmus",
     config: ConfigFiles = None,
@@ -304,7 +309,7 @@ def aggregate(
 
 @app.command()
 def tables(
-    method: Annotated[str, typer.Option(help="Method name (a key of methods).")],
+    method: MethodName,
     fold_all: Annotated[Path, typer.Option(help="The method's fold_all.tsv.")],
     out_dir: Annotated[
         Path, typer.Option(help="Folder for summary.tsv, stats.tsv, table.md/.tex.")
@@ -329,14 +334,12 @@ def tables(
 
 @app.command()
 def figures(
-    method: Annotated[str, typer.Option(help="Method name (a key of methods).")],
+    method: MethodName,
     results: Annotated[Path, typer.Option(help="The method's results folder (results/{method}).")],
-    manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
-    splits_path: Annotated[Path, typer.Option("--splits", help="Split JSON.")],
+    manifest_path: ManifestPath,
+    splits_path: SplitsPath,
     out_dir: Annotated[Path, typer.Option(help="Folder for the PNG figures.")],
-    glomeruli: Annotated[
-        Path | None, typer.Option(help="glomeruli.tsv of the segmentation step (OM crops).")
-    ] = None,
+    glomeruli: GlomeruliPath = None,
     fold: Annotated[int, typer.Option(help="Fold whose model t-SNE and Grad-CAM explain.")] = 0,
     config: ConfigFiles = None,
     settings_json: SettingsJson = None,
@@ -361,7 +364,7 @@ def figures(
 
 @app.command()
 def patch(
-    manifest_path: Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")],
+    manifest_path: ManifestPath,
     image_id: Annotated[str, typer.Option(help="The slide's image_id in the manifest.")],
     out: Annotated[Path, typer.Option(help="The slide's zarr store to write (.zarr).")],
     mask: Annotated[Path, typer.Option(help="Tissue mask PNG to write.")],
