@@ -73,6 +73,14 @@ def _method_settings(settings: dict, method: str) -> dict:
     return settings["methods"][method]
 
 
+def _variant_settings(settings: dict, method: str, variant: str) -> tuple[dict, dict]:
+    """A method's settings and one of its variants', or a clear error naming the configured ones."""
+    method_settings = _method_settings(settings, method)
+    if variant not in method_settings["variants"]:
+        _fail(f"unknown variant {variant!r}; configured: {sorted(method_settings['variants'])}")
+    return method_settings, method_settings["variants"][variant]
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", err=True, fg="red")
     raise typer.Exit(code=1)
@@ -198,15 +206,13 @@ def train(
     import torch
 
     settings = _settings(config, settings_json)
-    method_settings = _method_settings(settings, method)
-    if variant not in method_settings["variants"]:
-        _fail(f"unknown variant {variant!r}; configured: {sorted(method_settings['variants'])}")
+    method_settings, variant_settings = _variant_settings(settings, method, variant)
     threads = threads or method_settings["train"].get("num_threads", 0)
     if threads:
         torch.set_num_threads(threads)
     if not method.startswith("cmus"):
         _fail(f"method {method!r} has no trainer yet")
-    if method_settings["variants"][variant]["model"] == "late_vote":
+    if variant_settings["model"] == "late_vote":
         _fail(f"variant {variant!r} is a late vote: run `mmdiag vote`, not `mmdiag train`")
     from mmdiag.training.cmus_fold import run_cmus_fold
 
@@ -239,10 +245,8 @@ def vote(
     from mmdiag.training.cmus_fold import run_vote_fold
 
     settings = _settings(config, settings_json)
-    method_settings = settings["methods"].get(method)
-    if method_settings is None or variant not in method_settings["variants"]:
-        _fail(f"unknown method/variant {method!r}/{variant!r}")
-    names = method_settings["variants"][variant]["members"]
+    method_settings, variant_settings = _variant_settings(settings, method, variant)
+    names = variant_settings["members"]
     if len(members) != len(names):
         _fail(f"variant {variant!r} votes over {names}; got {len(members)} prediction files")
     run_vote_fold(

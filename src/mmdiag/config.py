@@ -122,12 +122,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         unknown = sorted(set(error.instance) - set(allowed))
         where = f"{key}: " if error.absolute_path else ""
         return f"{where}unknown key(s) {unknown}; allowed keys: {allowed}"
-    if validator == "required":
-        return f"{key}: {error.message}"
     if validator == "type":
         return f"{key}: {error.instance!r} has the wrong type; expected {error.validator_value}"
-    if validator == "propertyNames":
-        return f"{key}: {error.message}"
     return f"{key}: {error.message}"
 
 

@@ -31,7 +31,9 @@ def _safe_ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 def macro_ovr_auc(y_true: np.ndarray, prob: np.ndarray) -> float:
     """Mean one-vs-rest ROC AUC over the classes that have both positives and negatives.
 
-    Returns ``nan`` with a warning when no class qualifies (a single-class test set).
+    Returns ``nan`` with a warning when no class qualifies (a single-class test set). Unlike
+    :func:`mmdiag.stats.roc.multiclass_auc`, which requires every class, this tolerates a fold
+    whose test set misses a class (small cohorts, MN staging).
     """
     aucs = []
     for k in range(prob.shape[1]):

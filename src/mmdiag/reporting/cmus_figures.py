@@ -26,13 +26,12 @@ from mmdiag.data.manifest import read_manifest
 from mmdiag.data.splits import load_splits
 from mmdiag.evaluation.explain import grad_cam, last_feature_module
 from mmdiag.models import create_model
+from mmdiag.models.cmus import PAPER_LOSS_WEIGHTS
 from mmdiag.reporting import figures
 from mmdiag.training.cmus_data import collate_patients, load_patient_samples
 from mmdiag.training.cmus_fold import model_arguments, read_crop_boxes, task_classes
 
 log = logging.getLogger(__name__)
-
-PAPER_LOSS_WEIGHTS = {"OM": 0.3, "IM": 0.5, "TEM": 0.2}
 
 
 def effective_batch_size(method_settings: Mapping, variant: str) -> int:
