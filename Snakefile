@@ -20,6 +20,8 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/segment.smk"
 include: "workflow/rules/patch.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/features.smk"
 include: "workflow/rules/cmus.smk"
 
 

@@ -429,5 +429,94 @@ def patch_index(
     log.info("%s: %d slides, %d patches", out, len(index), int(index["n_patches"].sum()))
 
 
+@app.command("ssl-pretrain")
+def ssl_pretrain(
+    stores: Annotated[list[Path], typer.Argument(help="Patch stores (.zarr) with pixels.")],
+    scale: Annotated[str, typer.Option(help="The scale to pretrain on, e.g. 20x.")],
+    out_dir: Annotated[Path, typer.Option(help="Folder to write (encoder.safetensors ...).")],
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="Resume state kept between epochs (default: <out-dir>.resume)."),
+    ] = None,
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """SimSiam pretraining of one encoder (run under torchrun for several GPUs)."""
+    from mmdiag.ssl.train import SSLSettings, pretrain
+
+    settings = SSLSettings.from_config(_settings(config, settings_json)["ssl"])
+    state_dir = state_dir or out_dir.with_name(out_dir.name + ".resume")
+    try:
+        pretrain(stores, scale, settings, out_dir=out_dir, state_dir=state_dir)
+    except ValueError as error:
+        _fail(str(error))
+
+
+@app.command("extract-features")
+def extract_features(
+    store: Annotated[Path, typer.Option(help="The slide's patch store (.zarr).")],
+    image_id: Annotated[str, typer.Option(help="The slide's image_id in the manifest.")],
+    encoder: Annotated[
+        list[str], typer.Option(help="SCALE=PATH of a pretrained encoder.safetensors; repeat.")
+    ],
+    out: Annotated[Path, typer.Option(help="Feature store to write (.zarr).")],
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """Embed every patch of one slide at every scale (zarr: patches x scales x dim)."""
+    from mmdiag.features.extract import ExtractSettings, extract_slide_features
+
+    settings = _settings(config, settings_json)
+    weights = {}
+    for item in encoder:
+        scale, separator, path = item.partition("=")
+        if not separator:
+            _fail(f"--encoder {item!r}: expected SCALE=PATH")
+        weights[scale] = Path(path)
+    features, ssl = settings["features"], settings["ssl"]
+    extract = ExtractSettings(
+        backbone=ssl["backbone"],
+        mean=tuple(ssl["augment"]["mean"]),
+        std=tuple(ssl["augment"]["std"]),
+        **{
+            k: features[k]
+            for k in ("image_px", "batch_size", "workers", "amp", "channels_last", "device")
+        },  # fmt: skip
+    )
+    try:
+        extract_slide_features(store, weights, extract, out=out, image_id=image_id)
+    except ValueError as error:
+        _fail(str(error))
+
+
+@app.command("cluster-features")
+def cluster_features(
+    stores: Annotated[list[Path], typer.Argument(help="The cohort's feature stores (.zarr).")],
+    manifest_path: ManifestPath,
+    out: Annotated[Path, typer.Option(help="Cluster table TSV to write.")],
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """k-means phenotype clusters of each patient's 20x features (one row per patch)."""
+    from mmdiag.data.manifest import read_manifest
+    from mmdiag.features.phenotypes import cluster_patients
+    from mmdiag.io import write_tsv
+
+    settings = _settings(config, settings_json)["features"]
+    manifest = read_manifest(manifest_path)
+    patient_of_image = dict(zip(manifest["image_id"], manifest["patient_id"], strict=True))
+    try:
+        table = cluster_patients(
+            stores,
+            patient_of_image,
+            n_clusters=settings["n_clusters"],
+            seed=settings["cluster_seed"],
+        )
+    except ValueError as error:
+        _fail(str(error))
+    write_tsv(table, out)
+    log.info("%s: %d patches of %d patients", out, len(table), table["patient_id"].nunique())
+
+
 if __name__ == "__main__":
     app()

@@ -41,6 +41,18 @@ def settings_json_of_method(method):
     )
 
 
+def torch_launcher(n_gpus):
+    """How a training job starts Python: plain for 0-1 GPU, torchrun with one process per GPU.
+
+    Used as ``params: launcher=lambda wildcards, resources: torch_launcher(resources.gpu)`` so
+    a profile's ``set-resources`` (e.g. 4 GPUs on a cluster) also sets the process count.
+    """
+    n_gpus = int(n_gpus or 0)
+    if n_gpus <= 1:
+        return "python"
+    return f"torchrun --standalone --nproc-per-node {n_gpus}"
+
+
 def alternatives_regex(names):
     """A wildcard constraint that matches exactly one of ``names`` (never matches if empty)."""
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
@@ -161,6 +173,38 @@ def get_cohort_patch_stores(wildcards):
     slides = manifest.loc[manifest["modality"] == "WSI", "image_id"]
     return [
         f"results/{wildcards.cohort}/patches/{slide}.zarr" for slide in sorted(slides)
+    ]
+
+
+def patch_scales():
+    """Scale names of the patch stores, finest first (20x, 10x, 5x for the defaults)."""
+    from mmdiag.patching.tiling import scale_name
+
+    patching = config["patching"]
+    factors = [1, *patching["context_factors"]]
+    return [scale_name(patching["base_mpp"] * factor) for factor in factors]
+
+
+def get_scale_encoders(wildcards):
+    """The pretrained encoder of every scale of a cohort's patch stores."""
+    return {
+        scale: f"results/{wildcards.cohort}/ssl/{scale}/encoder.safetensors"
+        for scale in patch_scales()
+    }
+
+
+def get_encoder_arguments(wildcards, input):
+    """`--encoder SCALE=PATH` for each scale."""
+    return " ".join(
+        f"--encoder {scale}={input[scale]}" for scale in get_scale_encoders(wildcards)
+    )
+
+
+def get_cohort_feature_stores(wildcards):
+    """Every WSI of a cohort as a feature store."""
+    return [
+        store.replace("/patches/", "/features/", 1)
+        for store in get_cohort_patch_stores(wildcards)
     ]
 
 

@@ -1,0 +1,1 @@
+"""Patch embeddings per slide and scale (zarr), and per-patient phenotype clusters."""

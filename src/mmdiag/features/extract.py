@@ -1,0 +1,162 @@
+"""Embed every patch of a slide at every scale with that scale's pretrained encoder.
+
+Batched inference in eval mode; on a GPU with pinned memory, non-blocking copies, bfloat16
+autocast and channels-last, while data-loader workers decode the next batches. The input of an
+encoder is the whole patch (resized to ``image_px`` when set), scaled to [0, 1] and normalised
+with the pretraining mean/std -- the same pixels the SimSiam views were cut from.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from torch.utils.data import BatchSampler, SequentialSampler
+
+import mmdiag
+from mmdiag.features.store import write_feature_store
+from mmdiag.io.atomic import sha256_file
+from mmdiag.models.encoders import create_encoder
+from mmdiag.patching.store import open_patch_store
+from mmdiag.ssl.augment import AugmentSettings, normalize
+from mmdiag.ssl.data import ScalePixels, pixel_loader
+from mmdiag.training.loop import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """``features`` section of the config (the encoder name and normalisation come from ssl)."""
+
+    backbone: str
+    image_px: int | None = None
+    batch_size: int = 256
+    workers: int = 4
+    amp: bool = True
+    channels_last: bool = True
+    device: str = "auto"
+    mean: tuple[float, float, float] = AugmentSettings.mean
+    std: tuple[float, float, float] = AugmentSettings.std
+
+
+def load_encoder(backbone: str, weights: str | Path, device: torch.device) -> nn.Module:
+    """A timm backbone with pretrained weights from a local file, in eval mode on ``device``."""
+    encoder = create_encoder(backbone, checkpoint=weights)
+    return encoder.eval().to(device)
+
+
+def prepare(pixels: torch.Tensor, settings: ExtractSettings) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> the normalised float batch an encoder sees."""
+    images = pixels.float().div_(255.0)
+    if settings.image_px and settings.image_px != images.shape[-1]:
+        size = (settings.image_px, settings.image_px)
+        images = F.interpolate(images, size=size, mode="bilinear", antialias=True)
+    images = normalize(images, AugmentSettings(mean=settings.mean, std=settings.std))
+    if settings.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+@torch.no_grad()
+def embed_scale(
+    store_path: Path,
+    scale: str,
+    encoder: nn.Module,
+    settings: ExtractSettings,
+    device: torch.device,
+    on_batch=None,
+) -> np.ndarray:
+    """Features (N, D) float32 of every patch of one store at one scale, in store order."""
+    dataset = ScalePixels([store_path], scale)
+    batches = BatchSampler(SequentialSampler(range(len(dataset))), settings.batch_size, False)
+    loader = pixel_loader(
+        dataset, batches, workers=settings.workers, pin_memory=device.type == "cuda"
+    )
+    use_amp = settings.amp and device.type == "cuda"
+    outputs = []
+    for batch in loader:
+        images = prepare(batch["pixels"].to(device, non_blocking=True), settings)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            features = encoder(images)
+        outputs.append(features.float().cpu())
+        if on_batch is not None:
+            on_batch(len(images))
+    return torch.cat(outputs).numpy()
+
+
+def extract_slide_features(
+    store_path: str | Path,
+    encoder_weights: Mapping[str, str | Path],
+    settings: ExtractSettings,
+    *,
+    out: str | Path,
+    image_id: str,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Write the feature store ``out`` of one slide's patch store; return throughput figures.
+
+    ``encoder_weights`` maps each scale of the patch store (finest first) to the
+    ``encoder.safetensors`` that SimSiam pretraining wrote for it.
+    """
+    store_path = Path(store_path)
+    store = open_patch_store(store_path)
+    missing = [scale for scale in store.scales if scale not in encoder_weights]
+    if missing:
+        raise ValueError(f"patch store {store_path}: no encoder for scale(s) {missing}")
+    device = resolve_device(settings.device)
+    started = time.perf_counter()
+    columns = [
+        _embed_or_empty(store, scale, encoder_weights[scale], settings, device, progress)
+        for scale in store.scales
+    ]
+    features = np.stack(columns, axis=1)
+    seconds = time.perf_counter() - started
+    rate = len(store) * len(store.scales) / seconds if seconds else float("nan")
+    write_feature_store(
+        out,
+        features,
+        patch_id=store.grid["patch_id"].to_numpy(),
+        centre_xy=store.grid[["centre_x", "centre_y"]].to_numpy(),
+        attrs={
+            "image_id": image_id,
+            "scales": store.scales,
+            "patch_store": str(store_path),
+            "slide_sha256": store.attrs.get("sha256"),
+            "encoders": {
+                scale: {"path": str(weights), "sha256": sha256_file(weights)}
+                for scale, weights in encoder_weights.items()
+                if scale in store.scales
+            },
+            "backbone": settings.backbone,
+            "image_px": settings.image_px,
+            "mmdiag_version": mmdiag.__version__,
+        },
+    )
+    log.info(
+        "%s: %d patches x %d scales -> %s in %.1f s (%.0f patches/s)",
+        image_id, len(store), len(store.scales), features.shape[-1], seconds, rate,
+    )  # fmt: skip
+    return {"patches": len(store), "seconds": seconds, "patches_per_s": rate}
+
+
+def _embed_or_empty(store, scale, weights, settings, device, progress) -> np.ndarray:
+    encoder = load_encoder(settings.backbone, weights, device)
+    if settings.channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    if len(store) == 0:
+        return np.zeros((0, encoder.num_features), dtype=np.float32)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), disable=not progress) as bar:
+        task = bar.add_task(f"features {scale}", total=len(store))
+        return embed_scale(
+            store.path, scale, encoder, settings, device, on_batch=lambda n: bar.advance(task, n)
+        )

@@ -1,0 +1,1 @@
+"""Self-supervised pretraining of patch encoders (SimSiam), one encoder per magnification."""
