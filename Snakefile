@@ -7,6 +7,7 @@ min_version("9.0")
 
 configfile: "config/config.yaml"
 configfile: "config/methods/cmus.yaml"
+configfile: "config/methods/csmil.yaml"
 
 
 wildcard_constraints:
@@ -23,6 +24,7 @@ include: "workflow/rules/patch.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/cmus.smk"
+include: "workflow/rules/csmil.smk"
 
 
 rule all:

@@ -21,7 +21,7 @@ def _batch(n_patients=2, tem_counts=(2, 3), size=32, seed=0):
     }
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", [n for n in list_models() if n.startswith("cmus")])
 @pytest.mark.parametrize("modalities", [("OM", "IM", "TEM"), ("OM",), ("IM", "TEM")])
 def test_every_model_runs_forward_and_backward(name, modalities):
     model = create_model(name, num_classes=3, modalities=modalities, **TINY)

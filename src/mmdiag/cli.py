@@ -81,6 +81,21 @@ def _variant_settings(settings: dict, method: str, variant: str) -> tuple[dict, 
     return method_settings, method_settings["variants"][variant]
 
 
+def _feature_store_paths(paths: list[Path]) -> list[Path]:
+    """Feature stores given directly (``*.zarr``) or as folders holding them (searched)."""
+    found = []
+    for path in paths:
+        if path.suffix == ".zarr":
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(path.rglob("*.zarr")))
+        else:
+            _fail(f"{path}: neither a feature store (.zarr) nor a folder of them")
+    if not found:
+        _fail(f"no feature stores in {[str(p) for p in paths]}")
+    return found
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", err=True, fg="red")
     raise typer.Exit(code=1)
@@ -113,11 +128,27 @@ def synth(
     settings_json: SettingsJson = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Write the seeded synthetic demo cohort (WSI, OM, IM, TEM, CT, genes, clinical table)."""
+    """Write a seeded synthetic cohort: the multi-modal renal demo cohort (WSI, OM, IM, TEM,
+    CT, genes, clinical table), or with a cohort's ``generator: toy_mil`` CS-MIL's toy slides."""
     from mmdiag.synth import write_synthetic_cohort
 
-    settings = _settings(config, settings_json)["synth"]
-    write_synthetic_cohort(out, settings, progress=progress)
+    settings = _settings(config, settings_json)
+    cohort = settings.get("cohort") or {}
+    if cohort.get("generator") == "toy_mil":
+        from mmdiag.synth.toy_mil import write_toy_cohort
+
+        toy = cohort["toy"]
+        write_toy_cohort(
+            out,
+            kind=toy["kind"],
+            n_slides=toy["n_slides"],
+            n_sites=toy["n_sites"],
+            seed=toy["seed"],
+            patch_px=settings["patching"]["patch_px"],
+            progress=progress,
+        )
+        return
+    write_synthetic_cohort(out, settings["synth"], progress=progress)
 
 
 @app.command()
@@ -454,17 +485,19 @@ def ssl_pretrain(
 
 @app.command("extract-features")
 def extract_features(
-    store: Annotated[Path, typer.Option(help="The slide's patch store (.zarr).")],
-    image_id: Annotated[str, typer.Option(help="The slide's image_id in the manifest.")],
+    stores: Annotated[list[Path], typer.Argument(help="The cohort's patch stores (.zarr).")],
+    manifest_path: ManifestPath,
     encoder: Annotated[
         list[str], typer.Option(help="SCALE=PATH of a pretrained encoder.safetensors; repeat.")
     ],
-    out: Annotated[Path, typer.Option(help="Feature store to write (.zarr).")],
+    out_dir: Annotated[Path, typer.Option(help="Folder of feature stores to write.")],
     config: ConfigFiles = None,
     settings_json: SettingsJson = None,
 ) -> None:
-    """Embed every patch of one slide at every scale (zarr: patches x scales x dim)."""
-    from mmdiag.features.extract import ExtractSettings, extract_slide_features
+    """Embed every patch of every slide at every scale (one zarr per slide: N x S x dim)."""
+    from mmdiag.data.manifest import read_manifest
+    from mmdiag.features.extract import ExtractSettings, extract_cohort_features
+    from mmdiag.patching.store import open_patch_store
 
     settings = _settings(config, settings_json)
     weights = {}
@@ -473,6 +506,17 @@ def extract_features(
         if not separator:
             _fail(f"--encoder {item!r}: expected SCALE=PATH")
         weights[scale] = Path(path)
+    manifest = read_manifest(manifest_path)
+    image_of_path = {
+        str(Path(p).resolve()): i
+        for p, i in zip(manifest["path"], manifest["image_id"], strict=True)
+    }
+    image_ids = []
+    for store in stores:
+        slide = open_patch_store(store).attrs["slide_path"]
+        if slide not in image_of_path:
+            _fail(f"patch store {store}: its slide {slide} is not in {manifest_path}")
+        image_ids.append(image_of_path[slide])
     features, ssl = settings["features"], settings["ssl"]
     extract = ExtractSettings(
         backbone=ssl["backbone"],
@@ -481,17 +525,19 @@ def extract_features(
         **{
             k: features[k]
             for k in ("image_px", "batch_size", "workers", "amp", "channels_last", "device")
-        },  # fmt: skip
+        },
     )
     try:
-        extract_slide_features(store, weights, extract, out=out, image_id=image_id)
+        extract_cohort_features(stores, image_ids, weights, extract, out_dir=out_dir)
     except ValueError as error:
         _fail(str(error))
 
 
 @app.command("cluster-features")
 def cluster_features(
-    stores: Annotated[list[Path], typer.Argument(help="The cohort's feature stores (.zarr).")],
+    stores: Annotated[
+        list[Path], typer.Argument(help="The cohort's feature stores (.zarr), or their folder.")
+    ],
     manifest_path: ManifestPath,
     out: Annotated[Path, typer.Option(help="Cluster table TSV to write.")],
     config: ConfigFiles = None,
@@ -507,7 +553,7 @@ def cluster_features(
     patient_of_image = dict(zip(manifest["image_id"], manifest["patient_id"], strict=True))
     try:
         table = cluster_patients(
-            stores,
+            _feature_store_paths(stores),
             patient_of_image,
             n_clusters=settings["n_clusters"],
             seed=settings["cluster_seed"],
@@ -516,6 +562,84 @@ def cluster_features(
         _fail(str(error))
     write_tsv(table, out)
     log.info("%s: %d patches of %d patients", out, len(table), table["patient_id"].nunique())
+
+
+@app.command("csmil-train")
+def csmil_train(
+    method: MethodName,
+    variant: Annotated[str, typer.Option(help="Variant name (a key of the method's variants).")],
+    fold: Annotated[int, typer.Option(help="Split number.")],
+    manifest_path: ManifestPath,
+    splits_path: SplitsPath,
+    clusters: Annotated[Path, typer.Option(help="clusters.tsv of the cohort.")],
+    features: Annotated[
+        list[Path], typer.Argument(help="The cohort's feature stores (.zarr), or their folder.")
+    ],
+    out_dir: Annotated[Path, typer.Option(help="Fold folder to write.")],
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """Train and test one CS-MIL variant on one split (bags from phenotype clusters)."""
+    from mmdiag.training.csmil_fold import run_csmil_fold
+
+    settings = _settings(config, settings_json)
+    method_settings, _ = _variant_settings(settings, method, variant)
+    try:
+        run_csmil_fold(
+            manifest_path=manifest_path,
+            splits_path=splits_path,
+            feature_paths=_feature_store_paths(features),
+            clusters_path=clusters,
+            fold=fold,
+            variant=variant,
+            method=method,
+            method_settings=method_settings,
+            classes=settings["manifest"]["classes"],
+            out_dir=out_dir,
+        )
+    except ValueError as error:
+        _fail(str(error))
+
+
+@app.command("csmil-figures")
+def csmil_figures(
+    method: MethodName,
+    results: Annotated[Path, typer.Option(help="The method's results folder.")],
+    manifest_path: ManifestPath,
+    features: Annotated[Path, typer.Option(help="The cohort's features folder.")],
+    out_dir: Annotated[Path, typer.Option(help="Folder for the PNG figures.")],
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """ROC/PR curves of every variant, attention maps and scale-attention box plots."""
+    from mmdiag.data.manifest import read_manifest
+    from mmdiag.reporting.csmil_figures import write_csmil_figures
+
+    method_settings = _method_settings(_settings(config, settings_json), method)
+    try:
+        written = write_csmil_figures(
+            results, method_settings, read_manifest(manifest_path), features, out_dir
+        )
+    except ValueError as error:
+        _fail(str(error))
+    log.info("%s: %d figures in %s", method, len(written), out_dir)
+
+
+@app.command("csmil-toy-table")
+def csmil_toy_table(
+    micro: Annotated[Path, typer.Option(help="fold_all.tsv of the micro-anomaly method.")],
+    macro: Annotated[Path, typer.Option(help="fold_all.tsv of the macro-anomaly method.")],
+    method: MethodName,
+    out_dir: Annotated[Path, typer.Option(help="Folder for table5.md/.tex/.tsv.")],
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """CS-MIL's Table 5: AUC and AP of every variant on both toy datasets."""
+    from mmdiag.reporting.toy_table import write_toy_table
+
+    method_settings = _method_settings(_settings(config, settings_json), method)
+    written = write_toy_table(micro, macro, method_settings, out_dir)
+    log.info("toy benchmark table:\n%s", written[0].read_text())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ everywhere: with its dotted path, the value found and what is allowed.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -104,11 +105,16 @@ def _fill_defaults(instance: Any, node: Mapping, schema: Mapping) -> None:
             instance[key] = copy.deepcopy(child["default"])
         if key in instance:
             _fill_defaults(instance[key], child, schema)
+    patterns = node.get("patternProperties", {})
     extra = node.get("additionalProperties")
-    if isinstance(extra, Mapping):
-        for key, value in instance.items():
-            if key not in node.get("properties", {}):
-                _fill_defaults(value, extra, schema)
+    for key, value in instance.items():
+        if key in node.get("properties", {}):
+            continue
+        matching = [child for pattern, child in patterns.items() if re.search(pattern, key)]
+        for child in matching:
+            _fill_defaults(value, child, schema)
+        if not matching and isinstance(extra, Mapping):
+            _fill_defaults(value, extra, schema)
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -183,7 +189,7 @@ def _variant_problems(method: str, settings: Mapping, variants: Mapping) -> Iter
                     f"{where}.variants.{name}.members: a vote needs at least two trained "
                     f"variants; {bad or spec['members']} given, allowed values: {sorted(trained)}"
                 )
-        elif abs(sum(spec["loss_weights"].values()) - 1) > 1e-6:
+        elif "loss_weights" in spec and abs(sum(spec["loss_weights"].values()) - 1) > 1e-6:
             yield f"{where}.variants.{name}.loss_weights: must sum to 1, got {spec['loss_weights']}"
 
 

@@ -53,12 +53,41 @@ def torch_launcher(n_gpus):
     return f"torchrun --standalone --nproc-per-node {n_gpus}"
 
 
+def cohort_synth_settings(cohort):
+    """What `mmdiag synth` needs for a cohort: its generator and settings, and patch size."""
+    return json.dumps(
+        {
+            "synth": config["synth"],
+            "cohort": config["cohorts"][cohort],
+            "patching": config["patching"],
+        }
+    )
+
+
+def cohort_manifest_rules(cohort):
+    """The manifest section with the cohort's overrides (e.g. its own classes)."""
+    return dict(config["manifest"]) | config["cohorts"][cohort]["manifest_rules"]
+
+
+def cohort_manifest_settings(cohort):
+    """What `mmdiag manifest` needs for a cohort."""
+    return json.dumps({"manifest": cohort_manifest_rules(cohort)})
+
+
+def settings_json_of_csmil(method):
+    """A CS-MIL method's settings plus its cohort's manifest rules (the two classes)."""
+    rules = cohort_manifest_rules(config["methods"][method]["cohort"])
+    return json.dumps({"methods": {method: config["methods"][method]}, "manifest": rules})
+
+
 def alternatives_regex(names):
     """A wildcard constraint that matches exactly one of ``names`` (never matches if empty)."""
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
 
 
 CMUS_METHODS = [m for m in config["methods"] if m.startswith("cmus")]
+CSMIL_METHODS = [m for m in config["methods"] if m.startswith("csmil")]
+CSMIL_METHODS_REGEX = alternatives_regex(CSMIL_METHODS)
 CMUS_METHODS_REGEX = alternatives_regex(CMUS_METHODS)
 CMUS_TRAINED_REGEX = alternatives_regex(
     {
@@ -166,14 +195,16 @@ def get_method_inputs(method):
     }
 
 
-def get_cohort_patch_stores(wildcards):
+def cohort_patch_stores(cohort):
     """Every WSI of a cohort's manifest as a patch store (the manifest is a checkpoint)."""
-    manifest_path = checkpoints.manifest.get(cohort=wildcards.cohort).output.manifest
+    manifest_path = checkpoints.manifest.get(cohort=cohort).output.manifest
     manifest = pd.read_csv(manifest_path, sep="\t", dtype=str, keep_default_na=False)
     slides = manifest.loc[manifest["modality"] == "WSI", "image_id"]
-    return [
-        f"results/{wildcards.cohort}/patches/{slide}.zarr" for slide in sorted(slides)
-    ]
+    return [f"results/{cohort}/patches/{slide}.zarr" for slide in sorted(slides)]
+
+
+def get_cohort_patch_stores(wildcards):
+    return cohort_patch_stores(wildcards.cohort)
 
 
 def patch_scales():
@@ -200,18 +231,29 @@ def get_encoder_arguments(wildcards, input):
     )
 
 
-def get_cohort_feature_stores(wildcards):
-    """Every WSI of a cohort as a feature store."""
-    return [
-        store.replace("/patches/", "/features/", 1)
-        for store in get_cohort_patch_stores(wildcards)
-    ]
+def get_method_inputs_of(wildcards):
+    """The manifest and split file of the method in the wildcards."""
+    return get_method_inputs(wildcards.method)
+
+
+def get_method_clusters(wildcards):
+    """The phenotype clusters of a method's cohort."""
+    return f"results/{config['methods'][wildcards.method]['cohort']}/features/clusters.tsv"
+
+
+def get_method_feature_stores(wildcards):
+    """The folder of feature stores of a method's cohort."""
+    return f"results/{config['methods'][wildcards.method]['cohort']}/features/stores"
 
 
 def get_final_outputs():
-    """Final targets: each configured method's fold_all.tsv, tables and figures."""
-    return [
+    """Final targets: each configured method's fold_all.tsv, tables and figures, and CS-MIL's
+    toy benchmark table when both toy methods are configured."""
+    targets = [
         f"results/{method}/{name}"
         for method in config["methods"]
         for name in ("fold_all.tsv", "tables", "figures")
     ]
+    if {"csmil_micro", "csmil_macro"} <= set(config["methods"]):
+        targets.append("results/csmil_toy/table5.md")
+    return targets

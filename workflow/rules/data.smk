@@ -14,7 +14,7 @@ rule synth:
         runtime=20,
         gpu=0,
     params:
-        settings=lambda wildcards: settings_json("synth"),
+        settings=lambda wildcards: cohort_synth_settings(wildcards.cohort),
     shell:
         "python -m mmdiag synth --out {output.raw} --settings-json {params.settings:q}"
         " --no-progress > {log} 2>&1"
@@ -36,7 +36,7 @@ checkpoint manifest:
         gpu=0,
     params:
         source=get_cohort_source_args,
-        settings=lambda wildcards: settings_json("manifest"),
+        settings=lambda wildcards: cohort_manifest_settings(wildcards.cohort),
     shell:
         "python -m mmdiag manifest {params.source} --out {output.manifest}"
         " --settings-json {params.settings:q} > {log} 2>&1"

@@ -1,18 +1,18 @@
-# Patch embeddings per slide (every scale with its own encoder) and phenotype clusters.
+# Patch embeddings of every slide (every scale with its own encoder) and phenotype clusters.
 
 
 rule extract_features:
     input:
         unpack(get_scale_encoders),
-        store="results/{cohort}/patches/{slide}.zarr",
+        manifest="results/{cohort}/manifest.tsv",
+        stores=get_cohort_patch_stores,
     output:
-        store=directory("results/{cohort}/features/{slide}.zarr"),
+        # One job per cohort: the encoders are loaded once and a GPU stays busy.
+        stores=directory("results/{cohort}/features/stores"),
     log:
-        "logs/extract_features/{cohort}/{slide}.log",
+        "logs/extract_features/{cohort}.log",
     benchmark:
-        "results/benchmarks/extract_features/{cohort}/{slide}.tsv"
-    wildcard_constraints:
-        slide=r"[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*",
+        "results/benchmarks/extract_features/{cohort}.tsv"
     conda:
         "../../envs/mmdiag.yaml"
     threads: config["features"]["resources"]["threads"]
@@ -24,15 +24,15 @@ rule extract_features:
         settings=lambda wildcards: settings_json("features", "ssl"),
         encoders=get_encoder_arguments,
     shell:
-        "python -m mmdiag extract-features --store {input.store} --image-id {wildcards.slide}"
-        " {params.encoders} --out {output.store}"
+        "python -m mmdiag extract-features {input.stores} --manifest {input.manifest}"
+        " {params.encoders} --out-dir {output.stores}"
         " --settings-json {params.settings:q} > {log} 2>&1"
 
 
 rule cluster_features:
     input:
         manifest="results/{cohort}/manifest.tsv",
-        stores=get_cohort_feature_stores,
+        stores="results/{cohort}/features/stores",
     output:
         clusters="results/{cohort}/features/clusters.tsv",
     log:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 import mmdiag
 from mmdiag.features.store import write_feature_store
-from mmdiag.io.atomic import sha256_file
+from mmdiag.io.atomic import atomic_path, sha256_file
 from mmdiag.models.encoders import create_encoder
 from mmdiag.patching.store import open_patch_store
 from mmdiag.ssl.augment import AugmentSettings, normalize
@@ -48,10 +48,14 @@ class ExtractSettings:
     std: tuple[float, float, float] = AugmentSettings.std
 
 
-def load_encoder(backbone: str, weights: str | Path, device: torch.device) -> nn.Module:
+def load_encoder(
+    backbone: str, weights: str | Path, device: torch.device, settings: ExtractSettings
+) -> nn.Module:
     """A timm backbone with pretrained weights from a local file, in eval mode on ``device``."""
-    encoder = create_encoder(backbone, checkpoint=weights)
-    return encoder.eval().to(device)
+    encoder = create_encoder(backbone, checkpoint=weights).eval().to(device)
+    if settings.channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    return encoder
 
 
 def prepare(pixels: torch.Tensor, settings: ExtractSettings) -> torch.Tensor:
@@ -93,70 +97,94 @@ def embed_scale(
     return torch.cat(outputs).numpy()
 
 
-def extract_slide_features(
-    store_path: str | Path,
+def extract_cohort_features(
+    store_paths: Sequence[str | Path],
+    image_ids: Sequence[str],
     encoder_weights: Mapping[str, str | Path],
     settings: ExtractSettings,
     *,
-    out: str | Path,
-    image_id: str,
+    out_dir: str | Path,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Write the feature store ``out`` of one slide's patch store; return throughput figures.
+    """Write ``out_dir/<image_id>.zarr`` for every patch store; return throughput figures.
 
-    ``encoder_weights`` maps each scale of the patch store (finest first) to the
-    ``encoder.safetensors`` that SimSiam pretraining wrote for it.
+    ``encoder_weights`` maps each scale of the patch stores (finest first) to the
+    ``encoder.safetensors`` that SimSiam pretraining wrote for it. The encoders are loaded
+    once for the whole cohort; ``out_dir`` appears complete or not at all.
     """
-    store_path = Path(store_path)
-    store = open_patch_store(store_path)
-    missing = [scale for scale in store.scales if scale not in encoder_weights]
-    if missing:
-        raise ValueError(f"patch store {store_path}: no encoder for scale(s) {missing}")
     device = resolve_device(settings.device)
+    stores = [open_patch_store(path) for path in store_paths]
+    scales = stores[0].scales if stores else []
+    for store in stores:
+        missing = [scale for scale in store.scales if scale not in encoder_weights]
+        if missing:
+            raise ValueError(f"patch store {store.path}: no encoder for scale(s) {missing}")
+        if store.scales != scales:
+            raise ValueError(f"patch store {store.path}: scales {store.scales} != {scales}")
+    encoders = {
+        scale: load_encoder(settings.backbone, encoder_weights[scale], device, settings)
+        for scale in scales
+    }
+    provenance = _encoder_provenance(encoder_weights, scales, settings)
+    total = sum(len(store) for store in stores) * len(scales)
     started = time.perf_counter()
-    columns = [
-        _embed_or_empty(store, scale, encoder_weights[scale], settings, device, progress)
-        for scale in store.scales
-    ]
-    features = np.stack(columns, axis=1)
-    seconds = time.perf_counter() - started
-    rate = len(store) * len(store.scales) / seconds if seconds else float("nan")
-    write_feature_store(
-        out,
-        features,
-        patch_id=store.grid["patch_id"].to_numpy(),
-        centre_xy=store.grid[["centre_x", "centre_y"]].to_numpy(),
-        attrs={
-            "image_id": image_id,
-            "scales": store.scales,
-            "patch_store": str(store_path),
-            "slide_sha256": store.attrs.get("sha256"),
-            "encoders": {
-                scale: {"path": str(weights), "sha256": sha256_file(weights)}
-                for scale, weights in encoder_weights.items()
-                if scale in store.scales
-            },
-            "backbone": settings.backbone,
-            "image_px": settings.image_px,
-            "mmdiag_version": mmdiag.__version__,
-        },
-    )
-    log.info(
-        "%s: %d patches x %d scales -> %s in %.1f s (%.0f patches/s)",
-        image_id, len(store), len(store.scales), features.shape[-1], seconds, rate,
-    )  # fmt: skip
-    return {"patches": len(store), "seconds": seconds, "patches_per_s": rate}
-
-
-def _embed_or_empty(store, scale, weights, settings, device, progress) -> np.ndarray:
-    encoder = load_encoder(settings.backbone, weights, device)
-    if settings.channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
-    if len(store) == 0:
-        return np.zeros((0, encoder.num_features), dtype=np.float32)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeElapsedColumn(), disable=not progress) as bar:
-        task = bar.add_task(f"features {scale}", total=len(store))
-        return embed_scale(
-            store.path, scale, encoder, settings, device, on_batch=lambda n: bar.advance(task, n)
-        )
+    with (
+        atomic_path(out_dir, is_dir=True) as tmp,
+        Progress(*columns, TimeElapsedColumn(), disable=not progress) as bar,
+    ):
+        task = bar.add_task("features", total=total)
+        for store, image_id in zip(stores, image_ids, strict=True):
+            features = embed_store(
+                store, encoders, settings, device, on_batch=lambda n: bar.advance(task, n)
+            )
+            write_feature_store(
+                tmp / f"{image_id}.zarr",
+                features,
+                patch_id=store.grid["patch_id"].to_numpy(),
+                centre_xy=store.grid[["centre_x", "centre_y"]].to_numpy(),
+                attrs={
+                    "image_id": image_id,
+                    "scales": scales,
+                    "patch_store": str(store.path),
+                    "slide_sha256": store.attrs.get("sha256"),
+                    **provenance,
+                },
+            )
+    seconds = time.perf_counter() - started
+    rate = total / seconds if seconds else float("nan")
+    log.info(
+        "%d slides, %d patch-scales embedded in %.1f s (%.0f patches/s)",
+        len(stores),
+        total,
+        seconds,
+        rate,
+    )
+    return {"patches": total, "seconds": seconds, "patches_per_s": rate}
+
+
+def embed_store(store, encoders: Mapping[str, nn.Module], settings, device, on_batch=None):
+    """Features (N, S, D) of one patch store with each scale's encoder."""
+    if len(store) == 0:
+        width = next(iter(encoders.values())).num_features
+        return np.zeros((0, len(encoders), width), dtype=np.float32)
+    columns = [
+        embed_scale(store.path, scale, encoder, settings, device, on_batch=on_batch)
+        for scale, encoder in encoders.items()
+    ]
+    return np.stack(columns, axis=1)
+
+
+def _encoder_provenance(encoder_weights, scales, settings) -> dict:
+    return {
+        "encoders": {
+            scale: {
+                "path": str(encoder_weights[scale]),
+                "sha256": sha256_file(encoder_weights[scale]),
+            }
+            for scale in scales
+        },
+        "backbone": settings.backbone,
+        "image_px": settings.image_px,
+        "mmdiag_version": mmdiag.__version__,
+    }

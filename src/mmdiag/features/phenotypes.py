@@ -5,6 +5,10 @@ the finest scale and reuses each patch's cluster for its 10x and 5x context (a l
 one cluster, whatever the scale). Bags are then drawn evenly from the clusters. The authors
 run scikit-learn's ``KMeans(8, random_state=0)``; so does this module, with a fixed seed.
 
+The table's ``cluster`` column is the 20x clustering; ``cluster_<scale>`` columns repeat the
+clustering on each scale's own features, for the single-scale baselines of Table 1 ("Phenotype
+clustering was performed within the single-scale features at three resolutions").
+
 A patient with fewer patches than ``k`` gets one cluster per patch (k-means cannot make more
 clusters than points); the table records the ``k`` actually used.
 """
@@ -50,28 +54,40 @@ def cluster_patients(
     together. Raises ``ValueError`` naming the store whose image_id the manifest lacks.
     """
     stores = [open_feature_store(path) for path in feature_paths]
+    scales = stores[0].scales if stores else []
     by_patient: dict[str, list[FeatureStore]] = {}
     for store in stores:
         if store.image_id not in patient_of_image:
-            raise ValueError(f"feature store {store.path}: image_id {store.image_id!r} is not in "
-                             "the manifest")  # fmt: skip
+            raise ValueError(
+                f"feature store {store.path}: image_id {store.image_id!r} is not in the manifest"
+            )
         by_patient.setdefault(patient_of_image[store.image_id], []).append(store)
     tables = [
         _cluster_one_patient(patient, slides, n_clusters, seed, scale)
         for patient, slides in sorted(by_patient.items())
     ]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    return table.reindex(columns=CLUSTER_COLUMNS)
+    return table.reindex(columns=CLUSTER_COLUMNS + [f"cluster_{s}" for s in scales])
 
 
 def _cluster_one_patient(patient, slides, n_clusters, seed, scale) -> pd.DataFrame:
     slides = sorted(slides, key=lambda store: store.image_id)
-    column = [store.scales.index(scale) if scale else 0 for store in slides]
-    features = np.concatenate([s.features[:, c] for s, c in zip(slides, column, strict=True)])
-    labels = kmeans_labels(features, n_clusters, seed)
+    scales = slides[0].scales
+    if any(store.scales != scales for store in slides):
+        raise ValueError(f"patient {patient}: feature stores disagree on their scales")
+    per_scale = {
+        name: kmeans_labels(np.concatenate([s.features[:, i] for s in slides]), n_clusters, seed)
+        for i, name in enumerate(scales)
+    }
+    features = np.concatenate([s.features[:, 0] for s in slides])
+    labels = per_scale[scale or scales[0]]
     if len(features) < n_clusters:
-        log.warning("patient %s: %d patches < k=%d; one cluster per patch", patient,
-                    len(features), n_clusters)  # fmt: skip
+        log.warning(
+            "patient %s: %d patches < k=%d; one cluster per patch",
+            patient,
+            len(features),
+            n_clusters,
+        )
     rows = pd.DataFrame(
         {
             "patient_id": patient,
@@ -80,6 +96,7 @@ def _cluster_one_patient(patient, slides, n_clusters, seed, scale) -> pd.DataFra
             "patch_id": np.concatenate([s.patch_id for s in slides]),
             "cluster": labels,
             "k": min(n_clusters, len(features)),
+            **{f"cluster_{name}": values for name, values in per_scale.items()},
         }
     )
     return rows

@@ -252,16 +252,19 @@ ADJUSTMENTS = {
 
 
 def color_jitter(images: torch.Tensor, params: ViewParams) -> torch.Tensor:
-    """Apply each selected image's four adjustments in that image's own order."""
-    images = images.clone()
+    """Apply each selected image's four adjustments in that image's own order.
+
+    Every adjustment runs on the whole batch and ``torch.where`` keeps it for the images whose
+    turn it is: constant tensor shapes (no per-step kernel set-up on CPUs, no recompilation)
+    for a little redundant element-wise work.
+    """
     selected = params.jitter.to(images.device)
     order = params.order.to(images.device)
     factors = params.factors.to(images.device)
     for slot in range(4):
         for adjustment, function in ADJUSTMENTS.items():
-            rows = (selected & (order[:, slot] == adjustment)).nonzero().squeeze(1)
-            if len(rows):
-                images[rows] = function(images[rows], factors[rows, adjustment])
+            chosen = (selected & (order[:, slot] == adjustment)).view(-1, 1, 1, 1)
+            images = torch.where(chosen, function(images, factors[:, adjustment]), images)
     return images
 
 
@@ -295,10 +298,10 @@ def augment(
     images = color_jitter(images.clamp(0, 1), params)
     gray = params.grayscale.to(images.device).view(-1, 1, 1, 1)
     images = torch.where(gray, grayscale(images).expand_as(images), images)
-    rows = params.blur.to(images.device).nonzero().squeeze(1)
-    if len(rows):
+    if params.blur.any():  # blur all (constant shapes), keep it where drawn
         kernel = gaussian_kernel_size(out_px, settings.blur_kernel_fraction)
-        images[rows] = gaussian_blur(images[rows], params.sigma[rows.cpu()], kernel)
+        blurred = gaussian_blur(images, params.sigma, kernel)
+        images = torch.where(params.blur.to(images.device).view(-1, 1, 1, 1), blurred, images)
     return normalize(images, settings)
 
 

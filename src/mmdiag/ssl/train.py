@@ -253,9 +253,14 @@ def pretrain(
     context = init_distributed(settings.device)
     try:
         return _pretrain(
-            [Path(p) for p in store_paths], scale, settings, Path(out_dir), Path(state_dir),
-            context, progress,
-        )  # fmt: skip
+            [Path(p) for p in store_paths],
+            scale,
+            settings,
+            Path(out_dir),
+            Path(state_dir),
+            context,
+            progress,
+        )
     finally:
         shutdown(context)
 
@@ -281,30 +286,51 @@ def _pretrain(store_paths, scale, settings, out_dir, state_dir, context, progres
     )
     log.info(
         "SimSiam %s at %s: %d patches, %d steps/epoch, %d process(es), device %s",
-        settings.backbone, scale, len(dataset), len(sampler), context.world_size, context.device,
-    )  # fmt: skip
+        settings.backbone,
+        scale,
+        len(dataset),
+        len(sampler),
+        context.world_size,
+        context.device,
+    )
     with _progress_bar(progress and context.is_main) as bar:
         task = bar.add_task(
-            f"SimSiam {scale}", total=settings.epochs * len(sampler), status="",
+            f"SimSiam {scale}",
+            total=settings.epochs * len(sampler),
+            status="",
             completed=len(history) * len(sampler),
-        )  # fmt: skip
+        )
         for epoch in range(len(history), settings.epochs):
             lr = cosine_lr(settings.init_lr, epoch, settings.epochs)
             set_learning_rates(optimiser, lr, settings.init_lr)
             sampler.set_epoch(epoch)
             row = train_one_epoch(
-                trained, loader, optimiser, settings, context, epoch,
+                trained,
+                loader,
+                optimiser,
+                settings,
+                context,
+                epoch,
                 on_step=lambda: bar.advance(task),
-            )  # fmt: skip
+            )
             history.append({"epoch": epoch + 1, "lr": lr, **row})
             status = f"loss={row['loss']:.4f} std={row['embedding_std']:.4f}"
             bar.update(task, status=status)
-            log.info("epoch %d/%d lr=%.4g %s %.0f img/s", epoch + 1, settings.epochs, lr,
-                     status, row["images_per_s"])  # fmt: skip
+            log.info(
+                "epoch %d/%d lr=%.4g %s %.0f img/s",
+                epoch + 1,
+                settings.epochs,
+                lr,
+                status,
+                row["images_per_s"],
+            )
             if context.is_main:
-                save_state(state_dir, model, optimiser,
-                           {"fingerprint": fingerprint, "epochs_done": epoch + 1,
-                            "history": history})  # fmt: skip
+                save_state(
+                    state_dir,
+                    model,
+                    optimiser,
+                    {"fingerprint": fingerprint, "epochs_done": epoch + 1, "history": history},
+                )
             barrier(context)
     if context.is_main:
         write_outputs(out_dir, unwrap(trained), history, settings, scale, store_paths, context)

@@ -205,8 +205,9 @@ _PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def _replace_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) not in (
-        *_PLAIN_BATCHNORMS, CrossRankBatchNorm,
-    ):  # fmt: skip
+        *_PLAIN_BATCHNORMS,
+        CrossRankBatchNorm,
+    ):
         raise ValueError(
             f"{type(module).__name__} (a batch norm with extra behaviour) cannot be synchronised "
             "across CPU processes; use one process or GPUs"
@@ -216,9 +217,13 @@ def _replace_batchnorm(module: nn.Module) -> nn.Module:
         like = next(iter([*module.parameters(), *module.buffers()]), None)
         placement = {} if like is None else {"device": like.device, "dtype": like.dtype}
         replaced = CrossRankBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, **placement,
-        )  # fmt: skip
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            **placement,
+        )
         replaced.load_state_dict(module.state_dict())
         replaced.train(module.training)
         return replaced

@@ -1,0 +1,152 @@
+# CS-MIL: per-split training of every variant on a cohort's features, then its tables.
+
+
+rule csmil_train_fold:
+    input:
+        unpack(get_method_inputs_of),
+        clusters=get_method_clusters,
+        features=get_method_feature_stores,
+    output:
+        predictions="results/{method}/{variant}/fold_{fold}/predictions.tsv",
+        metrics="results/{method}/{variant}/fold_{fold}/metrics.tsv",
+        model="results/{method}/{variant}/fold_{fold}/model.safetensors",
+        attention="results/{method}/{variant}/fold_{fold}/attention.tsv",
+    log:
+        "logs/csmil_train_fold/{method}/{variant}/fold_{fold}.log",
+    benchmark:
+        "results/benchmarks/csmil_train_fold/{method}/{variant}/fold_{fold}.tsv"
+    wildcard_constraints:
+        method=CSMIL_METHODS_REGEX,
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: lambda wildcards: config["methods"][wildcards.method]["resources"]["threads"]
+    resources:
+        # The cohort's features (patches x 3 scales x 2048 floats) and a small MIL head.
+        mem_mb=lambda wildcards: config["methods"][wildcards.method]["resources"]["mem_mb"],
+        runtime=lambda wildcards: config["methods"][wildcards.method]["resources"]["runtime"],
+        gpu=lambda wildcards: config["methods"][wildcards.method]["resources"]["gpu"],
+    params:
+        out_dir=subpath(output.predictions, parent=True),
+        settings=lambda wildcards: settings_json_of_csmil(wildcards.method),
+    shell:
+        "OMP_NUM_THREADS={threads} python -m mmdiag csmil-train --method {wildcards.method}"
+        " --variant {wildcards.variant} --fold {wildcards.fold} --manifest {input.manifest}"
+        " --splits {input.splits} --clusters {input.clusters} {input.features}"
+        " --out-dir {params.out_dir} --settings-json {params.settings:q} > {log} 2>&1"
+
+
+rule csmil_fold_all:
+    input:
+        metrics=lambda wildcards: get_method_fold_files(wildcards.method, "metrics.tsv"),
+    output:
+        fold_all="results/{method}/fold_all.tsv",
+    log:
+        "logs/csmil_fold_all/{method}.log",
+    wildcard_constraints:
+        method=CSMIL_METHODS_REGEX,
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+        gpu=0,
+    shell:
+        "python -m mmdiag aggregate {input.metrics} --out {output.fold_all} > {log} 2>&1"
+
+
+rule csmil_tables:
+    input:
+        fold_all="results/{method}/fold_all.tsv",
+        predictions=lambda wildcards: get_method_fold_files(
+            wildcards.method, "predictions.tsv"
+        ),
+    output:
+        summary="results/{method}/summary.tsv",
+        stats="results/{method}/stats.tsv",
+        tables=report(
+            directory("results/{method}/tables"),
+            patterns=["{name}.md"],
+            caption="../report/csmil_table.rst",
+            category="CS-MIL",
+        ),
+    log:
+        "logs/csmil_tables/{method}.log",
+    wildcard_constraints:
+        method=CSMIL_METHODS_REGEX,
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+        gpu=0,
+    params:
+        out=subpath(output.summary, parent=True),
+        settings=lambda wildcards: settings_json_of_csmil(wildcards.method),
+    shell:
+        "python -m mmdiag tables --method {wildcards.method} --fold-all {input.fold_all}"
+        " --out-dir {params.out} --settings-json {params.settings:q} {input.predictions}"
+        " > {log} 2>&1"
+
+
+rule csmil_figures:
+    input:
+        fold_all="results/{method}/fold_all.tsv",
+        manifest=lambda wildcards: get_method_inputs(wildcards.method)["manifest"],
+        features=get_method_feature_stores,
+    output:
+        figures=report(
+            directory("results/{method}/figures"),
+            patterns=["{name}.png"],
+            caption="../report/csmil_figures.rst",
+            category="CS-MIL",
+        ),
+    log:
+        "logs/csmil_figures/{method}.log",
+    wildcard_constraints:
+        method=CSMIL_METHODS_REGEX,
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,  # slide thumbnails
+        runtime=10,
+        gpu=0,
+    params:
+        results=subpath(input.fold_all, parent=True),
+        settings=lambda wildcards: settings_json_of_csmil(wildcards.method),
+    shell:
+        "python -m mmdiag csmil-figures --method {wildcards.method} --results {params.results}"
+        " --manifest {input.manifest} --features {input.features}"
+        " --out-dir {output.figures} --settings-json {params.settings:q} > {log} 2>&1"
+
+
+rule csmil_toy_table:
+    input:
+        micro="results/csmil_micro/fold_all.tsv",
+        macro="results/csmil_macro/fold_all.tsv",
+    output:
+        table=report(
+            "results/csmil_toy/table5.md",
+            caption="../report/csmil_toy.rst",
+            category="CS-MIL",
+        ),
+        latex="results/csmil_toy/table5.tex",
+        values="results/csmil_toy/table5.tsv",
+    log:
+        "logs/csmil_toy_table.log",
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+        gpu=0,
+    params:
+        out=subpath(output.table, parent=True),
+        settings=lambda wildcards: settings_json_of_csmil("csmil_micro"),
+    shell:
+        "python -m mmdiag csmil-toy-table --micro {input.micro} --macro {input.macro}"
+        " --method csmil_micro --out-dir {params.out} --settings-json {params.settings:q}"
+        " > {log} 2>&1"
