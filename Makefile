@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/snakemake --cores $(CORES) results/cmus/fold_all.tsv results/cmus/tables results/cmus/figures
+	$(BIN)/snakemake --cores $(CORES) all
 
 test: install
 	$(BIN)/python -m pytest

@@ -513,7 +513,10 @@ def extract_features(
     }
     image_ids = []
     for store in stores:
-        slide = open_patch_store(store).attrs["slide_path"]
+        try:
+            slide = open_patch_store(store).attrs["slide_path"]
+        except (ValueError, KeyError) as error:
+            _fail(f"patch store {store}: {error}")
         if slide not in image_of_path:
             _fail(f"patch store {store}: its slide {slide} is not in {manifest_path}")
         image_ids.append(image_of_path[slide])
@@ -527,9 +530,12 @@ def extract_features(
             for k in ("image_px", "batch_size", "workers", "amp", "channels_last", "device")
         },
     )
+    duplicated = sorted({i for i in image_ids if image_ids.count(i) > 1})
+    if duplicated:
+        _fail(f"several patch stores belong to the slide(s) {duplicated}")
     try:
         extract_cohort_features(stores, image_ids, weights, extract, out_dir=out_dir)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
 
 

@@ -77,7 +77,9 @@ def cohort_manifest_settings(cohort):
 def settings_json_of_csmil(method):
     """A CS-MIL method's settings plus its cohort's manifest rules (the two classes)."""
     rules = cohort_manifest_rules(config["methods"][method]["cohort"])
-    return json.dumps({"methods": {method: config["methods"][method]}, "manifest": rules})
+    return json.dumps(
+        {"methods": {method: config["methods"][method]}, "manifest": rules}
+    )
 
 
 def alternatives_regex(names):
@@ -238,7 +240,9 @@ def get_method_inputs_of(wildcards):
 
 def get_method_clusters(wildcards):
     """The phenotype clusters of a method's cohort."""
-    return f"results/{config['methods'][wildcards.method]['cohort']}/features/clusters.tsv"
+    return (
+        f"results/{config['methods'][wildcards.method]['cohort']}/features/clusters.tsv"
+    )
 
 
 def get_method_feature_stores(wildcards):

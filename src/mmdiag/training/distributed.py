@@ -163,12 +163,13 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not synced or dist.get_world_size() == 1:
             return super().forward(input)
         dims = [d for d in range(input.dim()) if d != 1]
-        count = torch.full((1,), input.numel() / input.shape[1], dtype=input.dtype)
-        stats = torch.cat([count.to(input.device), input.sum(dims), (input * input).sum(dims)])
+        wide = input.double()  # E[x^2] - E[x]^2 in float64: no cancellation for large means
+        count = torch.full((1,), input.numel() / input.shape[1], dtype=torch.float64)
+        stats = torch.cat([count.to(input.device), wide.sum(dims), (wide * wide).sum(dims)])
         stats = sum_over_ranks(stats)
         total, channel_sum, channel_square = stats[0], *stats[1:].chunk(2)
-        mean = channel_sum / total
-        variance = channel_square / total - mean * mean
+        mean = (channel_sum / total).to(input.dtype)
+        variance = (channel_square / total - (channel_sum / total) ** 2).to(input.dtype)
         if self.track_running_stats:
             self._update_running_stats(mean.detach(), variance.detach(), total.detach())
         shape = [1, -1] + [1] * (input.dim() - 2)
