@@ -21,10 +21,10 @@ N_PATIENTS, N_PATCHES, DIM = 30, 12, 16
 
 
 def _features(rng, positive: bool) -> np.ndarray:
-    """Noise at every scale; a positive slide has two patches whose 5x feature 0 is high."""
+    """Noise at every scale; a positive slide has three patches whose 5x features 0-3 are high."""
     features = rng.normal(0, 1, (N_PATCHES, 3, DIM)).astype(np.float32)
     if positive:
-        features[rng.choice(N_PATCHES, 2, replace=False), 2, 0] += 4.0
+        features[rng.choice(N_PATCHES, 3, replace=False), 2, :4] += 3.0
     return features
 
 
@@ -104,8 +104,8 @@ def _method(variants: dict) -> dict:
         name: settings["variants"][name] | {"options": settings["variants"][name]["options"]}
         for name in variants
     }
-    settings["train"] |= {"epochs": 25, "batch_size": 4, "lr": 5e-3}
-    settings["bags"] |= {"test_bags": 20, "val_bags": 4}
+    settings["train"] |= {"epochs": 12, "batch_size": 2, "lr": 3e-3}
+    settings["bags"] |= {"size": N_PATCHES, "test_bags": 20, "val_bags": 4}
     return settings
 
 
@@ -245,9 +245,28 @@ def test_csmil_config_validates_and_rejects_unknown_models():
     config = load_config(
         ["config/config.yaml", "config/methods/cmus.yaml", "config/methods/csmil.yaml"]
     )
-    variant = config["methods"]["csmil_micro"]["variants"]["naive"]
+    variant = config["methods"]["csmil"]["variants"]["naive"]
     assert variant == {"model": "csmil", "clustering": False, "cluster_scale": None, "options": {}}
     assert config["methods"]["csmil"]["variants"]["deepattnmisl_5x"]["cluster_scale"] == "5x"
     config["methods"]["csmil"]["variants"]["bad"] = {"model": "transmil"}
     with pytest.raises(ConfigError, match="transmil"):
         validate_config(config)
+
+
+def test_standardising_uses_training_statistics_only(cohort):
+    from mmdiag.training.csmil_fold import Slide, standardise
+
+    def slide(value):
+        features = np.full((2, 3, 4), value, dtype=np.float32)
+        features[1] += 1.0
+        return Slide("p", 0, features, np.zeros(2, int), np.array(["a", "a"]), np.arange(2))
+
+    parts = {"train": [slide(0.0), slide(2.0)], "val": [], "test": [slide(100.0)]}
+    scaled, mean, std = standardise(parts)
+    np.testing.assert_allclose(mean, 1.5)  # patches 0, 1, 2, 3 of the two training slides
+    np.testing.assert_allclose(std, np.sqrt(1.25) + 1e-6, rtol=1e-6)
+    train = np.concatenate([s.features for s in scaled["train"]])
+    np.testing.assert_allclose(train.mean(axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(
+        scaled["test"][0].features[0], (100.0 - 1.5) / (np.sqrt(1.25) + 1e-6), rtol=1e-5
+    )

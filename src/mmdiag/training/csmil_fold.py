@@ -20,13 +20,13 @@ import logging
 import platform
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from sklearn.metrics import average_precision_score
 from torch import nn
 
@@ -104,6 +104,23 @@ def _pool(patient: str, parts: list) -> Slide:
     )
 
 
+def standardise(parts: Mapping[str, list[Slide]]) -> tuple[dict, np.ndarray, np.ndarray]:
+    """z-score every feature with the mean and std of the training slides' patches.
+
+    An affine map the first (1x1) layer could learn itself, so it changes no model; it makes
+    optimisation independent of the encoder's output scale (weakly trained encoders give
+    features that barely vary between patches).
+    """
+    train = np.concatenate([slide.features for slide in parts["train"]])
+    mean = train.mean(axis=0, keepdims=True)
+    std = train.std(axis=0, keepdims=True) + 1e-6
+    scaled = {
+        part: [replace(s, features=((s.features - mean) / std).astype(np.float32)) for s in slides]
+        for part, slides in parts.items()
+    }
+    return scaled, mean[0], std[0]
+
+
 def draw_bags(slide: Slide, n_bags: int, bag_size: int, rng, *, stratified: bool):
     """``n_bags`` (indices, mask) pairs of one slide; clusters ignored unless ``stratified``."""
     indices, masks = sample_bags(slide.clusters, bag_size, n_bags, rng, stratified=stratified)
@@ -127,11 +144,9 @@ def bag_probabilities(model: nn.Module, slide: Slide, bags: Sequence[tuple], bat
         chunk = bags[start : start + batch_size]
         batch = _batch([slide] * len(chunk), chunk)
         probabilities.append(torch.sigmoid(model(batch)))
-        attentions.append({k: v for k, v in model.attention(batch).items()})
-    keys = attentions[0].keys()
-    return torch.cat(probabilities).numpy(), {
-        k: torch.cat([a[k] for a in attentions]).numpy() for k in keys
-    }
+        attentions.append(model.attention(batch))
+    joined = {key: torch.cat([a[key] for a in attentions]).numpy() for key in attentions[0]}
+    return torch.cat(probabilities).numpy(), joined
 
 
 @torch.no_grad()
@@ -281,6 +296,10 @@ def run_csmil_fold(
         cluster_column=cluster_column,
     )
     parts = _split_parts(load_splits(splits_path), fold, splits_path, slides)
+    scaling = None
+    if method_settings["standardise_features"]:
+        parts, mean, std = standardise(parts)
+        scaling = {"feature_mean": torch.from_numpy(mean), "feature_std": torch.from_numpy(std)}
     seed = method_settings["train"]["seed"]
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, fold])
@@ -303,6 +322,7 @@ def run_csmil_fold(
         "model": spec["model"],
         "variant_settings": dict(spec),
         "bags": dict(method_settings["bags"]),
+        "standardise_features": method_settings["standardise_features"],
         "train": dict(method_settings["train"]),
         "classes": list(classes),
         "n_slides": {k: len(v) for k, v in parts.items()},
@@ -318,7 +338,9 @@ def run_csmil_fold(
         },
         "seconds": round(time.perf_counter() - started, 2),
     }
-    write_csmil_fold(out_dir, model, predictions, metrics, history, attention, resolved, method)
+    write_csmil_fold(
+        out_dir, model, predictions, metrics, history, attention, resolved, method, scaling
+    )
     log.info(
         "%s %s fold %d: %s",
         method,
@@ -361,8 +383,11 @@ def predictions_frame(test, scores, fold: int, variant: str, classes) -> pd.Data
     )
 
 
-def write_csmil_fold(out_dir, model, predictions, metrics, history, attention, resolved, method):
-    """The fold folder, complete or not at all."""
+def write_csmil_fold(
+    out_dir, model, predictions, metrics, history, attention, resolved, method, scaling=None
+):
+    """The fold folder, complete or not at all (``feature_scaling.safetensors`` holds the
+    training-split mean and std when the features were standardised)."""
     fold, variant = resolved["fold"], resolved["variant"]
     metric_rows = pd.DataFrame(
         [
@@ -374,6 +399,8 @@ def write_csmil_fold(out_dir, model, predictions, metrics, history, attention, r
         save_model(
             model.cpu(), str(tmp / "model.safetensors"), metadata={"model": resolved["model"]}
         )
+        if scaling is not None:
+            save_file(scaling, str(tmp / "feature_scaling.safetensors"))
         write_tsv(predictions, tmp / "predictions.tsv")
         write_tsv(metric_rows, tmp / "metrics.tsv")
         write_tsv(pd.DataFrame(history), tmp / "train_log.tsv")
