@@ -18,7 +18,7 @@ TINY_CONFIG = {
         "toy_macro": {"toy": TOY},
         "toy_mixed": {"toy": TOY},
     },
-    "patching": {"patch_px": 64, "workers": 1, "thumbnail_mpp": 4.0},
+    "patching": {"patch_px": 128, "workers": 1, "thumbnail_mpp": 2.0},
     "ssl": {"image_px": 32, "dim": 32, "predictor_dim": 8, "epochs": 1, "batch_size": 8},
     "features": {"batch_size": 32},
     "splits": {"schemes": {"csmil_repeated": {"n_repeats": 2}}},
