@@ -23,7 +23,8 @@ rule cmus_train_fold:
     threads: lambda wildcards: config["methods"][wildcards.method]["resources"]["threads"]
     resources:
         # the fold's images are decoded once and kept in memory; paper scale (Swin-B x3 at
-        # 224 px, batch 4) needs one GPU with about 16 GB
+        # 224 px, batch 4) needs one GPU with about 16 GB; gpu > 1 (e.g. from a profile's
+        # set-resources) trains data-parallel with one torchrun process per GPU
         mem_mb=lambda wildcards: config["methods"][wildcards.method]["resources"][
             "mem_mb"
         ],
@@ -32,11 +33,12 @@ rule cmus_train_fold:
         ],
         gpu=lambda wildcards: config["methods"][wildcards.method]["resources"]["gpu"],
     params:
+        launcher=lambda wildcards, resources: torch_launcher(resources.gpu),
         out=subpath(output.metrics, parent=True),
         crops=get_cmus_crop_argument,
         settings=lambda wildcards: settings_json_of_method(wildcards.method),
     shell:
-        "python -m mmdiag train --method {wildcards.method} --variant {wildcards.variant}"
+        "{params.launcher} -m mmdiag train --method {wildcards.method} --variant {wildcards.variant}"
         " --fold {wildcards.fold} --manifest {input.manifest} --splits {input.splits}"
         " {params.crops} --out {params.out} --threads {threads}"
         " --settings-json {params.settings:q} > {log} 2>&1"

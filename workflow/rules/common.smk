@@ -54,14 +54,18 @@ def torch_launcher(n_gpus):
 
 
 def cohort_synth_settings(cohort):
-    """What `mmdiag synth` needs for a cohort: its generator and settings, and patch size."""
-    return json.dumps(
-        {
-            "synth": config["synth"],
-            "cohort": config["cohorts"][cohort],
-            "patching": config["patching"],
-        }
-    )
+    """What `mmdiag synth` needs for a cohort: the synth section for the renal demo cohort;
+    the cohort's toy settings and the patch size for toy slides (only what changes the files,
+    so that other edits do not remake a cohort)."""
+    settings = config["cohorts"][cohort]
+    if settings["generator"] == "toy_mil":
+        return json.dumps(
+            {
+                "cohort": {"generator": "toy_mil", "toy": settings["toy"]},
+                "patching": {"patch_px": config["patching"]["patch_px"]},
+            }
+        )
+    return json.dumps({"synth": config["synth"]})
 
 
 def cohort_manifest_rules(cohort):

@@ -22,8 +22,12 @@ rule csmil_train_fold:
     threads: lambda wildcards: config["methods"][wildcards.method]["resources"]["threads"]
     resources:
         # The cohort's features (patches x 3 scales x 2048 floats) and a small MIL head.
-        mem_mb=lambda wildcards: config["methods"][wildcards.method]["resources"]["mem_mb"],
-        runtime=lambda wildcards: config["methods"][wildcards.method]["resources"]["runtime"],
+        mem_mb=lambda wildcards: config["methods"][wildcards.method]["resources"][
+            "mem_mb"
+        ],
+        runtime=lambda wildcards: config["methods"][wildcards.method]["resources"][
+            "runtime"
+        ],
         gpu=lambda wildcards: config["methods"][wildcards.method]["resources"]["gpu"],
     params:
         out_dir=subpath(output.predictions, parent=True),

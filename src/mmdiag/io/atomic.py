@@ -70,3 +70,12 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def safetensors_metadata(**fields: Any) -> dict[str, str]:
+    """Checkpoint metadata as one ``mmdiag`` key holding sorted JSON.
+
+    safetensors writes several metadata keys in an arbitrary order, so the same weights
+    could give different bytes; one key keeps checkpoints byte-reproducible.
+    """
+    return {"mmdiag": json.dumps(fields, sort_keys=True)}

@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import mmdiag
-from mmdiag.io.atomic import atomic_path, write_json, write_tsv, write_yaml
+from mmdiag.io.atomic import atomic_path, safetensors_metadata, write_json, write_tsv, write_yaml
 from mmdiag.models.encoders import create_encoder
 from mmdiag.ssl.augment import AugmentSettings, augment, sample_view_params
 from mmdiag.ssl.data import EpochBatches, ScalePixels, pixel_loader
@@ -352,7 +352,7 @@ def _progress_bar(enabled: bool) -> Progress:
 def write_outputs(out_dir, model: SimSiam, history, settings, scale, store_paths, context) -> None:
     """The backbone weights, the training log, a loss plot and the resolved settings."""
     backbone = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
-    metadata = {"backbone": settings.backbone, "scale": scale, "epochs": str(settings.epochs)}
+    metadata = safetensors_metadata(backbone=settings.backbone, scale=scale, epochs=settings.epochs)
     with atomic_path(out_dir, is_dir=True) as tmp:
         save_file(backbone, str(tmp / "encoder.safetensors"), metadata=metadata)
         write_tsv(pd.DataFrame(history), tmp / "train_log.tsv")

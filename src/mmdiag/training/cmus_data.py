@@ -128,17 +128,34 @@ def _random_flips(images: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return torch.where(flips[:, 1, None, None, None], images.flip(-2), images)
 
 
+def _flip_sample(sample: PatientSample, generator: torch.Generator) -> PatientSample:
+    """One patient's images flipped with the patient's own generator (OM, IM, then TEM)."""
+    om, im, tem = (
+        _random_flips(x, generator) for x in (sample.om[None], sample.im[None], sample.tem)
+    )
+    return PatientSample(sample.patient_id, sample.label, om[0], im[0], tem)
+
+
 def collate_patients(
     samples: Sequence[PatientSample],
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    augment_generator: torch.Generator | None = None,
+    augment_generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stack patients into a batch (see :mod:`mmdiag.models.cmus`).
 
-    With ``augment_generator`` every image is flipped at random (training only).
+    With ``augment_generator`` every image is flipped at random (training only): one generator
+    for the whole batch, or one per sample, so that a patient's flips do not depend on the
+    other patients of its batch (data-parallel training splits batches across processes).
     """
+    if isinstance(augment_generator, Sequence):
+        if len(augment_generator) != len(samples):
+            raise ValueError(
+                f"augment_generator: {len(augment_generator)} generators for {len(samples)} samples"
+            )
+        samples = [_flip_sample(s, g) for s, g in zip(samples, augment_generator, strict=True)]
+        augment_generator = None
     mean_t = torch.tensor(mean).view(1, 3, 1, 1)
     std_t = torch.tensor(std).view(1, 3, 1, 1)
     om = torch.stack([s.om for s in samples])

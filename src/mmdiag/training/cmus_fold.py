@@ -4,6 +4,10 @@ Side effects: writes, atomically, the folder ``results/{method}/{variant}/fold_{
 ``model.safetensors`` (trained variants), ``predictions.tsv``, ``metrics.tsv``,
 ``train_log.tsv`` and ``config.yaml`` (the resolved settings, library versions and input
 checksums).
+
+Started by ``torchrun --nproc-per-node N`` (the workflow does so for jobs given several GPUs),
+the fold trains data-parallel on N processes (see :mod:`mmdiag.training.loop`); every process
+computes the same predictions and metrics, and only the first writes the fold folder.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import mmdiag
 from mmdiag.data.manifest import read_manifest
 from mmdiag.data.splits import load_splits
 from mmdiag.evaluation.metrics import classification_metrics
-from mmdiag.io import atomic_path, sha256_file, write_tsv, write_yaml
+from mmdiag.io import atomic_path, safetensors_metadata, sha256_file, write_tsv, write_yaml
 from mmdiag.models import create_model
 from mmdiag.models.cmus import CMUSConcat, CMUSNet
 from mmdiag.training.cmus_data import collate_patients, load_patient_samples
+from mmdiag.training.distributed import DistContext, init_distributed, shutdown
 from mmdiag.training.loop import TrainSettings, predict_proba, train_model
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,12 @@ def model_arguments(model_name: str, variant_settings: Mapping) -> dict:
     """The variant's settings that the model's constructor takes (the rest is for the runner)."""
     accepted = inspect.signature(MODEL_CLASSES[model_name].__init__).parameters
     return {k: v for k, v in variant_settings.items() if k in accepted and k != "num_classes"}
+
+
+def train_settings_of(method_settings: Mapping, variant: str) -> TrainSettings:
+    """The method's training settings with the variant's overrides."""
+    options = method_settings["train"] | method_settings["variants"][variant].get("train", {})
+    return TrainSettings(**{k: v for k, v in options.items() if k != "num_threads"})
 
 
 def read_crop_boxes(glomeruli_path: Path | None) -> dict[str, tuple[int, int, int, int]] | None:
@@ -70,14 +81,54 @@ def run_cmus_fold(
     method: str = "cmus",
     glomeruli_path: Path | None = None,
 ) -> dict[str, float]:
-    """Train ``variant`` on fold ``fold`` and write its outputs to ``out_dir``; return metrics."""
+    """Train ``variant`` on fold ``fold`` and write its outputs to ``out_dir``; return metrics.
+
+    Under torchrun every process returns the metrics; only the first writes ``out_dir``.
+    """
+    context = init_distributed(train_settings_of(method_settings, variant).device)
+    try:
+        _share_cpu_threads(context)
+        return _train_and_write_fold(
+            context,
+            manifest_path=manifest_path,
+            splits_path=splits_path,
+            fold=fold,
+            variant=variant,
+            method_settings=method_settings,
+            manifest_rules=manifest_rules,
+            out_dir=out_dir,
+            method=method,
+            glomeruli_path=glomeruli_path,
+        )
+    finally:
+        shutdown(context)
+
+
+def _share_cpu_threads(context: DistContext) -> None:
+    """The job's CPU threads are shared by its processes."""
+    if context.is_distributed:
+        torch.set_num_threads(max(1, torch.get_num_threads() // context.world_size))
+
+
+def _train_and_write_fold(
+    context: DistContext,
+    *,
+    manifest_path: Path,
+    splits_path: Path,
+    fold: int,
+    variant: str,
+    method_settings: Mapping,
+    manifest_rules: Mapping,
+    out_dir: Path,
+    method: str,
+    glomeruli_path: Path | None,
+) -> dict[str, float]:
     started = time.perf_counter()
     task = method_settings["task"]
     classes = task_classes(method_settings, manifest_rules)
     variant_settings = method_settings["variants"][variant]
     preprocess = method_settings["preprocess"]
-    train_options = method_settings["train"] | variant_settings.get("train", {})
-    train_settings = TrainSettings(**{k: v for k, v in train_options.items() if k != "num_threads"})
+    train_settings = train_settings_of(method_settings, variant)
 
     split = _fold_of(load_splits(splits_path), fold, splits_path)
     use_crops = preprocess.get("om_glomerulus_crop", False) and glomeruli_path is not None
@@ -110,10 +161,15 @@ def run_cmus_fold(
         train_settings,
         val_samples=val,
         description=f"{method}/{variant}/fold {fold}",
+        context=context,
     )
-    device = next(model.parameters()).device
     prob, _ = predict_proba(
-        model, test, collate, batch_size=train_settings.batch_size, device=device
+        model,
+        test,
+        collate,
+        batch_size=train_settings.batch_size,
+        device=context.device,
+        context=context,
     )
     predictions = predictions_frame(
         [s.patient_id for s in test],
@@ -135,6 +191,8 @@ def run_cmus_fold(
         inputs,
         n_patients={"train": len(train), "val": len(val), "test": len(test)},
     )
+    if not context.is_main:
+        return fold_metrics(predictions, classes)
     metrics = write_fold_outputs(
         out_dir,
         predictions,
@@ -142,15 +200,16 @@ def run_cmus_fold(
         method=method,
         model=model,
         history=history,
-        resolved=resolved,
+        resolved=resolved | {"n_processes": context.world_size},
     )
     log.info(
-        "%s/%s fold %d: %d train, %d test patients, %s (%.1f s)",
+        "%s/%s fold %d: %d train, %d test patients, %d process(es), %s (%.1f s)",
         method,
         variant,
         fold,
         len(train),
         len(test),
+        context.world_size,
         _metrics_text(metrics),
         time.perf_counter() - started,
     )
@@ -246,6 +305,12 @@ def predictions_frame(
     return frame
 
 
+def fold_metrics(predictions: pd.DataFrame, classes: Sequence[str]) -> dict[str, float]:
+    """The classification metrics of a fold's predictions."""
+    prob = predictions[[f"prob_{c}" for c in classes]].to_numpy()
+    return classification_metrics(predictions["y_true"].to_numpy(), prob, n_classes=len(classes))
+
+
 def write_fold_outputs(
     out_dir: Path,
     predictions: pd.DataFrame,
@@ -257,8 +322,7 @@ def write_fold_outputs(
     history: Sequence[Mapping] = (),
 ) -> dict[str, float]:
     """Compute the metrics and write the fold folder atomically; return the metrics."""
-    prob = predictions[[f"prob_{c}" for c in classes]].to_numpy()
-    metrics = classification_metrics(predictions["y_true"].to_numpy(), prob, n_classes=len(classes))
+    metrics = fold_metrics(predictions, classes)
     fold, variant = int(predictions["fold"].iloc[0]), str(predictions["variant"].iloc[0])
     metric_rows = pd.DataFrame(
         [
@@ -271,7 +335,7 @@ def write_fold_outputs(
             save_model(
                 model.cpu(),
                 str(tmp / "model.safetensors"),
-                metadata={"model": resolved["model"], "classes": ",".join(classes)},
+                metadata=safetensors_metadata(model=resolved["model"], classes=list(classes)),
             )
         write_tsv(predictions, tmp / "predictions.tsv")
         write_tsv(metric_rows, tmp / "metrics.tsv")

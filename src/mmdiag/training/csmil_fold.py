@@ -35,7 +35,7 @@ from mmdiag.data.manifest import read_manifest
 from mmdiag.data.splits import load_splits
 from mmdiag.evaluation.metrics import classification_metrics
 from mmdiag.features.store import open_feature_store
-from mmdiag.io import atomic_path, sha256_file, write_tsv, write_yaml
+from mmdiag.io import atomic_path, safetensors_metadata, sha256_file, write_tsv, write_yaml
 from mmdiag.models import create_model
 from mmdiag.training.csmil_bags import aggregate_bag_probabilities, collate_bags, sample_bags
 
@@ -397,7 +397,9 @@ def write_csmil_fold(
     )
     with atomic_path(out_dir, is_dir=True) as tmp:
         save_model(
-            model.cpu(), str(tmp / "model.safetensors"), metadata={"model": resolved["model"]}
+            model.cpu(),
+            str(tmp / "model.safetensors"),
+            metadata=safetensors_metadata(model=resolved["model"]),
         )
         if scaling is not None:
             save_file(scaling, str(tmp / "feature_scaling.safetensors"))

@@ -1,0 +1,1 @@
+"""A single-node SLURM cluster for tests, and the test profile that submits to it."""
