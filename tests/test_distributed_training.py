@@ -35,6 +35,7 @@ from mmdiag.training.loop import (
 )
 
 from .test_config import DEMO
+from .test_workflow import copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -265,8 +266,7 @@ def test_a_batch_smaller_than_the_process_count_is_refused(tiny_fold, tmp_path):
 
 
 def test_a_rule_given_several_gpus_starts_torchrun(tmp_path):
-    for name in ("Snakefile", "workflow", "config", "envs"):
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, tmp_path / name)
+    copy_workflow(tmp_path)
     command = [str(BIN / "snakemake"), "results/cmus/cmus_net/fold_0/metrics.tsv", "-n", "-p"]
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     shells = {}

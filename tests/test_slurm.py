@@ -22,12 +22,11 @@ import yaml
 from safetensors import safe_open
 
 from .slurm.cluster import local_slurm, missing_requirements
-from .test_workflow import TINY_CONFIG
+from .test_workflow import TINY_CONFIG, copy_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROFILE = ROOT / "tests/slurm/profile"
-WORKFLOW_FILES = ("Snakefile", "workflow", "config", "envs")
 TARGETS = ["results/cmus/cmus_net/fold_0/metrics.tsv"]
 SLURM_OPTIONS = ["--workflow-profile", str(PROFILE), "--configfile", "tiny.yaml"]
 TIMEOUT_S = 240  # the SLURM run takes about a minute; a lost job would otherwise hang it
@@ -59,8 +58,7 @@ def cluster():
 
 def _workflow_copy(folder: Path) -> Path:
     folder.mkdir()
-    for name in WORKFLOW_FILES:
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, folder / name)
+    copy_workflow(folder)
     (folder / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     return folder
 

@@ -49,6 +49,12 @@ TINY_CONFIG = {
 }
 
 
+def copy_workflow(workdir: Path) -> None:
+    """Copy what Snakemake reads (Snakefile, rules, config, envs) into ``workdir``."""
+    for name in WORKFLOW_FILES:
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, workdir / name)
+
+
 def _run(command, cwd, timeout=600):
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     return subprocess.run(
@@ -68,8 +74,7 @@ def test_snakefmt_check_passes():
 
 
 def test_invalid_config_stops_snakemake_with_the_key(tmp_path):
-    for name in WORKFLOW_FILES:
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, tmp_path / name)
+    copy_workflow(tmp_path)
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"methods": {"cmus": {"task": "grading"}}}))
     result = _run([str(BIN / "snakemake"), "-n", "--configfile", "bad.yaml"], tmp_path)
     assert result.returncode != 0
@@ -109,8 +114,7 @@ def tiny_run(tmp_path_factory):
     covers training, the late vote, both tables and the figures in about a minute.
     """
     workdir = tmp_path_factory.mktemp("workflow")
-    for name in WORKFLOW_FILES:
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, workdir / name)
+    copy_workflow(workdir)
     method_file = workdir / "config/methods/cmus.yaml"
     methods = yaml.safe_load(method_file.read_text())
     methods["methods"]["cmus"] |= {"variants": TINY_VARIANTS, "tables": TINY_TABLES}

@@ -2,14 +2,12 @@
 SimSiam encoders per scale -> features -> phenotype clusters -> MIL per split -> tables,
 figures and Table 5."""
 
-import shutil
-
 import pandas as pd
 import pytest
 import yaml
 
 from mmdiag.features.store import open_feature_store
-from tests.test_workflow import BIN, ROOT, WORKFLOW_FILES, _run
+from tests.test_workflow import BIN, _run, copy_workflow
 
 TOY = {"n_slides": 10, "n_sites": 4}
 TINY_CONFIG = {
@@ -55,8 +53,7 @@ def _tiny_methods(path):
 @pytest.fixture(scope="module")
 def csmil_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("csmil_workflow")
-    for name in WORKFLOW_FILES:
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, workdir / name)
+    copy_workflow(workdir)
     _tiny_methods(workdir / "config/methods/csmil.yaml")
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     targets = [

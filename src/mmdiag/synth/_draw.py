@@ -11,6 +11,12 @@ from PIL import Image
 from scipy import ndimage
 
 
+def stream_rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
+    """The generator of one random stream (e.g. one modality) of one patient or slide, so
+    each output depends only on the seed and its own indices."""
+    return np.random.default_rng([int(seed), stream, index])
+
+
 def smooth_noise(rng: np.random.Generator, height_px: int, width_px: int, cell_px: float):
     """Return smooth unit-variance noise of shape ``(height_px, width_px)``.
 

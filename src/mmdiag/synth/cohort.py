@@ -35,6 +35,7 @@ from rich.progress import track
 import mmdiag
 from mmdiag.io.atomic import atomic_path, write_json, write_tsv
 from mmdiag.synth import renal, tables, volumes, wsi
+from mmdiag.synth._draw import stream_rng
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +44,6 @@ MICROGRAPH_JPEG_QUALITY = 92
 
 # Random streams: one independent generator per (stream, patient).
 _ASSIGNMENT, _PATIENT, _OM, _IM, _TEM, _WSI, _CT, _GENES, _CLINICAL = range(9)
-
-
-def _rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
-    return np.random.default_rng([int(seed), stream, index])
 
 
 @dataclass(frozen=True)
@@ -72,12 +69,12 @@ def plan_patients(settings: dict[str, Any]) -> list[PatientPlan]:
         raise ValueError(f"tem_per_patient must be 1 <= low <= high, got {[tem_low, tem_high]}")
     reliability = settings["modality_reliability"]
     diseases = [renal.DISEASES[i % len(renal.DISEASES)] for i in range(n_patients)]
-    diseases = [diseases[i] for i in _rng(seed, _ASSIGNMENT).permutation(n_patients)]
+    diseases = [diseases[i] for i in stream_rng(seed, _ASSIGNMENT).permutation(n_patients)]
     width = max(3, len(str(n_patients)))
 
     plans = []
     for index, disease in enumerate(diseases):
-        rng = _rng(seed, _PATIENT, index)
+        rng = stream_rng(seed, _PATIENT, index)
         stage = renal.MN_STAGES[int(rng.integers(len(renal.MN_STAGES)))]
         shown = {
             modality: renal.draw_shown_pattern(rng, disease, float(reliability[modality]))
@@ -113,14 +110,14 @@ def _write_patient(folder: Path, plan: PatientPlan, settings: dict[str, Any]) ->
         return folder / relative
 
     om_w, om_h = (int(n) for n in settings["om_size_px"])
-    om = renal.render_om(_rng(seed, _OM, index), plan.shown["OM"], om_w, om_h)
+    om = renal.render_om(stream_rng(seed, _OM, index), plan.shown["OM"], om_w, om_h)
     _save_jpeg(add("OM", f"om/{pid}.jpg"), om)
 
     im_w, im_h = (int(n) for n in settings["im_size_px"])
-    im = renal.render_im(_rng(seed, _IM, index), plan.shown["IM"], im_w, im_h)
+    im = renal.render_im(stream_rng(seed, _IM, index), plan.shown["IM"], im_w, im_h)
     _save_jpeg(add("IM", f"im/{pid}.jpg"), im)
 
-    tem_rng = _rng(seed, _TEM, index)
+    tem_rng = stream_rng(seed, _TEM, index)
     for number in range(1, plan.n_tem + 1):
         tem = renal.render_tem(
             tem_rng,
@@ -141,7 +138,7 @@ def _write_patient(folder: Path, plan: PatientPlan, settings: dict[str, Any]) ->
     if index < int(slide["n_patients"]):
         mpp = float(slide["mpp"])
         pixels = wsi.render_wsi(
-            _rng(seed, _WSI, index),
+            stream_rng(seed, _WSI, index),
             int(slide["width_px"]),
             int(slide["height_px"]),
             mpp=mpp,
@@ -161,7 +158,7 @@ def _write_patient(folder: Path, plan: PatientPlan, settings: dict[str, Any]) ->
     ct = settings["ct"]
     if index < int(ct["n_patients"]):
         volume, _ = volumes.render_ct(
-            _rng(seed, _CT, index), ct["shape_vox"], ct["spacing_mm"], disease=plan.disease
+            stream_rng(seed, _CT, index), ct["shape_vox"], ct["spacing_mm"], disease=plan.disease
         )
         volumes.write_nifti(add("CT", f"ct/{pid}.nii.gz"), volume, ct["spacing_mm"])
     return rows
@@ -213,19 +210,19 @@ def write_synthetic_cohort(root: Path, settings: dict, *, progress: bool = True)
         patient_ids = [plan.patient_id for plan in plans]
         diseases = [plan.disease for plan in plans]
         gene_sets = tables.draw_gene_sets(
-            _rng(seed, _GENES),
+            stream_rng(seed, _GENES),
             n_genes,
             int(gene_settings["tumour_set_size"]),
             int(gene_settings["microenvironment_set_size"]),
         )
         expression = tables.make_expression(
-            _rng(seed, _GENES, 1), patient_ids, diseases, gene_sets, n_genes
+            stream_rng(seed, _GENES, 1), patient_ids, diseases, gene_sets, n_genes
         )
         write_tsv(expression, folder / "genes" / "expression.tsv")
         (folder / "genes" / "gene_sets.gmt").write_text(tables.format_gmt(gene_sets))
 
         clinical = tables.make_clinical(
-            _rng(seed, _CLINICAL),
+            stream_rng(seed, _CLINICAL),
             patient_ids,
             diseases,
             [plan.mn_stage for plan in plans],

@@ -85,7 +85,14 @@ from rich.progress import track
 
 import mmdiag
 from mmdiag.io.atomic import atomic_path, write_json, write_tsv
-from mmdiag.synth._draw import blend, impulse_blobs, smooth_noise, soft_step, to_uint8
+from mmdiag.synth._draw import (
+    blend,
+    impulse_blobs,
+    smooth_noise,
+    soft_step,
+    stream_rng,
+    to_uint8,
+)
 from mmdiag.synth.wsi import write_svs
 
 logger = logging.getLogger(__name__)
@@ -114,10 +121,6 @@ _SHAPE_LUMA_GAIN, _SHAPE_TINT = 0.55, (1.0, 0.985, 1.0)
 
 # Random streams: one independent generator per (stream, slide).
 _ASSIGNMENT, _PLAN, _SLIDE = range(3)
-
-
-def _rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
-    return np.random.default_rng([int(seed), stream, index])
 
 
 @dataclass(frozen=True)
@@ -388,12 +391,12 @@ def plan_toy_slides(kind: str, n_slides: int, seed: int, *, n_sites: int = 8) ->
     if int(n_slides) != n_slides or n_slides < 1:
         raise ValueError(f"n_slides must be an integer >= 1, got {n_slides!r}")
     _check_n_sites(n_sites)
-    order = _rng(seed, _ASSIGNMENT).permutation(n_slides)
+    order = stream_rng(seed, _ASSIGNMENT).permutation(n_slides)
     labels = [LABELS[int(order[i]) % 2] for i in range(n_slides)]
     width = max(3, len(str(n_slides)))
     plans, n_positive = [], 0
     for index, label in enumerate(labels):
-        rng = _rng(seed, _PLAN, index)
+        rng = stream_rng(seed, _PLAN, index)
         anomaly, sites = "none", ()
         if label == "positive":
             anomaly = kind if kind != "mixed" else ("micro", "macro")[n_positive % 2]
@@ -487,7 +490,7 @@ def _write_slide(
     image, sites = render_toy_slide(
         kind,
         plan.positive_sites,
-        _rng(seed, _SLIDE, plan.index),
+        stream_rng(seed, _SLIDE, plan.index),
         positive_anomaly=plan.anomaly if plan.positive_sites else None,
         n_sites=n_sites,
         patch_px=patch_px,
