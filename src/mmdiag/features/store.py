@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from mmdiag.io.atomic import atomic_path
-from mmdiag.patching.store import _jsonable
+from mmdiag.patching.store import _jsonable, open_complete_group
 
 
 def write_feature_store(
@@ -76,13 +76,7 @@ class FeatureStore:
 def open_feature_store(path: str | os.PathLike) -> FeatureStore:
     """Read a feature store; ``ValueError`` naming ``path`` when missing or incomplete."""
     path = Path(path)
-    try:
-        group = zarr.open_group(path, mode="r", zarr_format=3)
-    except Exception as error:  # missing folder or not a zarr group
-        raise ValueError(f"feature store {path}: cannot open ({error})") from error
-    attrs = dict(group.attrs)
-    if attrs.get("complete") is not True:
-        raise ValueError(f"feature store {path}: incomplete (no 'complete' attribute); rebuild it")
+    group, attrs = open_complete_group(path, "feature store")
     return FeatureStore(
         path=path,
         features=np.asarray(group["features"][...]),

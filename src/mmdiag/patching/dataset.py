@@ -12,6 +12,26 @@ from torch.utils.data import Dataset
 from mmdiag.patching.store import PatchStore, open_patch_store
 
 
+class StoreHandles:
+    """Patch stores opened lazily, once per process: a forked data-loader worker must not use
+    its parent's handles, and a pickled copy starts empty."""
+
+    def __init__(self, paths) -> None:
+        self.paths = [Path(p) for p in paths]
+        self._open: dict[int, PatchStore] = {}
+        self._pid: int | None = None
+
+    def __getitem__(self, index: int) -> PatchStore:
+        if self._pid != os.getpid():
+            self._open, self._pid = {}, os.getpid()
+        if index not in self._open:
+            self._open[index] = open_patch_store(self.paths[index])
+        return self._open[index]
+
+    def __getstate__(self):
+        return {"paths": self.paths, "_open": {}, "_pid": None}
+
+
 class PatchDataset(Dataset):
     """All patches of all ``store_paths`` that hold pixels.
 
@@ -25,8 +45,7 @@ class PatchDataset(Dataset):
         if not self.store_paths:
             raise ValueError("store_paths is empty")
         self.transform = transform
-        self._stores: dict[int, PatchStore] = {}
-        self._pid: int | None = None
+        self._stores = StoreHandles(self.store_paths)
         lengths, chosen = [], None
         for index, path in enumerate(self.store_paths):
             store = open_patch_store(path)
@@ -49,27 +68,15 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def _store(self, store_index: int) -> PatchStore:
-        if self._pid != os.getpid():  # a forked worker must not share the parent's handles
-            self._stores, self._pid = {}, os.getpid()
-        if store_index not in self._stores:
-            self._stores[store_index] = open_patch_store(self.store_paths[store_index])
-        return self._stores[store_index]
-
     def __getitem__(self, item: int):
         if not -len(self) <= item < len(self):
             raise IndexError(f"index {item} out of range for {len(self)} patches")
         item = int(item) % len(self)
         store_index = int(np.searchsorted(self._offsets, item, side="right") - 1)
         patch_index = item - int(self._offsets[store_index])
-        store = self._store(store_index)
+        store = self._stores[store_index]
         stack = np.stack([store.pixels(scale, patch_index) for scale in self.scales])
         image = torch.from_numpy(np.ascontiguousarray(stack)).permute(0, 3, 1, 2).float() / 255.0
         if self.transform is not None:
             image = self.transform(image)
         return image, store_index, patch_index
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_stores"], state["_pid"] = {}, None
-        return state

@@ -133,16 +133,26 @@ class PatchStore:
         return len(self.grid)
 
 
-def open_patch_store(path: str | os.PathLike) -> PatchStore:
-    """Open a patch store; raises ``ValueError`` naming ``path`` unless it is complete."""
-    path = Path(path)
+def open_complete_group(path: Path, kind: str) -> tuple[zarr.Group, dict]:
+    """Open a zarr group written with a ``complete`` mark, and its attributes.
+
+    Raises ``ValueError`` naming the ``kind`` of store and ``path`` when it is missing, not a
+    zarr group, or was never finished.
+    """
     try:
         group = zarr.open_group(path, mode="r", zarr_format=3)
     except Exception as error:  # missing folder or not a zarr group
-        raise ValueError(f"patch store {path}: cannot open ({error})") from error
+        raise ValueError(f"{kind} {path}: cannot open ({error})") from error
     attrs = dict(group.attrs)
     if attrs.get("complete") is not True:
-        raise ValueError(f"patch store {path}: incomplete (no 'complete' attribute); rebuild it")
+        raise ValueError(f"{kind} {path}: incomplete (no 'complete' attribute); rebuild it")
+    return group, attrs
+
+
+def open_patch_store(path: str | os.PathLike) -> PatchStore:
+    """Open a patch store; raises ``ValueError`` naming ``path`` unless it is complete."""
+    path = Path(path)
+    group, attrs = open_complete_group(path, "patch store")
     scales = list(attrs["scales"])
     data = {"patch_id": np.asarray(group["patch_id"][...])}
     for scale in scales:

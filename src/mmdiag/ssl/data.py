@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mmdiag.patching.store import PatchStore, open_patch_store
+from mmdiag.patching.dataset import StoreHandles
+from mmdiag.patching.store import open_patch_store
 from mmdiag.training.distributed import DistContext, global_batches, rank_share
 
 
@@ -45,8 +46,7 @@ class ScalePixels(Dataset):
         if self.offsets[-1] == 0:
             raise ValueError(f"the {len(self.store_paths)} patch stores hold no patches")
         self.patch_shape = shapes.pop()  # (H, W, 3)
-        self._stores: dict[int, PatchStore] = {}
-        self._pid: int | None = None
+        self._stores = StoreHandles(self.store_paths)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -56,13 +56,6 @@ class ScalePixels(Dataset):
         stores = np.searchsorted(self.offsets, items, side="right") - 1
         return stores, items - self.offsets[stores]
 
-    def _store(self, index: int) -> PatchStore:
-        if self._pid != os.getpid():  # a forked worker must not reuse the parent's handles
-            self._stores, self._pid = {}, os.getpid()
-        if index not in self._stores:
-            self._stores[index] = open_patch_store(self.store_paths[index])
-        return self._stores[index]
-
     def __getitems__(self, items: Sequence[int]) -> dict[str, torch.Tensor]:
         items = np.asarray(items, dtype=np.int64)
         if len(items) and (items.min() < 0 or items.max() >= len(self)):
@@ -71,7 +64,7 @@ class ScalePixels(Dataset):
         stores, patches = self.locate(items)
         for store_index in np.unique(stores):
             rows = np.flatnonzero(stores == store_index)
-            pixels[rows] = self._store(int(store_index)).pixels(self.scale, patches[rows])
+            pixels[rows] = self._stores[int(store_index)].pixels(self.scale, patches[rows])
         return {
             "pixels": torch.from_numpy(pixels).permute(0, 3, 1, 2),  # uint8 (B, 3, H, W)
             "item": torch.from_numpy(items),
@@ -80,11 +73,6 @@ class ScalePixels(Dataset):
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         batch = self.__getitems__([item])
         return {"pixels": batch["pixels"][0], "item": batch["item"][0]}
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_stores"], state["_pid"] = {}, None
-        return state
 
 
 class EpochBatches(Sampler[list[int]]):

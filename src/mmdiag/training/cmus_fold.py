@@ -23,18 +23,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save_model
 from torch import nn
 
 import mmdiag
 from mmdiag.data.manifest import read_manifest
 from mmdiag.data.splits import load_splits
 from mmdiag.evaluation.metrics import classification_metrics
-from mmdiag.io import atomic_path, safetensors_metadata, sha256_file, write_tsv, write_yaml
+from mmdiag.io import sha256_file
 from mmdiag.models import create_model
 from mmdiag.models.cmus import CMUSConcat, CMUSNet
 from mmdiag.training.cmus_data import collate_patients, load_patient_samples
 from mmdiag.training.distributed import DistContext, init_distributed, shutdown
+from mmdiag.training.fold_outputs import write_fold_folder
 from mmdiag.training.loop import TrainSettings, predict_proba, train_model
 
 log = logging.getLogger(__name__)
@@ -323,27 +323,16 @@ def write_fold_outputs(
 ) -> dict[str, float]:
     """Compute the metrics and write the fold folder atomically; return the metrics."""
     metrics = fold_metrics(predictions, classes)
-    fold, variant = int(predictions["fold"].iloc[0]), str(predictions["variant"].iloc[0])
-    metric_rows = pd.DataFrame(
-        [
-            {"method": method, "variant": variant, "fold": fold, "metric": m, "value": v}
-            for m, v in metrics.items()
-        ]
+    write_fold_folder(
+        out_dir,
+        method=method,
+        predictions=predictions,
+        metrics=metrics,
+        resolved=resolved,
+        model=model,
+        model_metadata={"model": resolved.get("model"), "classes": list(classes)},
+        history=history,
     )
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        if model is not None:
-            save_model(
-                model.cpu(),
-                str(tmp / "model.safetensors"),
-                metadata=safetensors_metadata(model=resolved["model"], classes=list(classes)),
-            )
-        write_tsv(predictions, tmp / "predictions.tsv")
-        write_tsv(metric_rows, tmp / "metrics.tsv")
-        write_tsv(
-            pd.DataFrame(list(history), columns=None if history else ["epoch"]),
-            tmp / "train_log.tsv",
-        )
-        write_yaml(dict(resolved), tmp / "config.yaml")
     return metrics
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save_file, save_model
 from sklearn.metrics import average_precision_score
 from torch import nn
 
@@ -35,9 +34,10 @@ from mmdiag.data.manifest import read_manifest
 from mmdiag.data.splits import load_splits
 from mmdiag.evaluation.metrics import classification_metrics
 from mmdiag.features.store import open_feature_store
-from mmdiag.io import atomic_path, safetensors_metadata, sha256_file, write_tsv, write_yaml
+from mmdiag.io import sha256_file
 from mmdiag.models import create_model
 from mmdiag.training.csmil_bags import aggregate_bag_probabilities, collate_bags, sample_bags
+from mmdiag.training.fold_outputs import write_fold_folder
 
 log = logging.getLogger(__name__)
 
@@ -386,25 +386,17 @@ def predictions_frame(test, scores, fold: int, variant: str, classes) -> pd.Data
 def write_csmil_fold(
     out_dir, model, predictions, metrics, history, attention, resolved, method, scaling=None
 ):
-    """The fold folder, complete or not at all (``feature_scaling.safetensors`` holds the
-    training-split mean and std when the features were standardised)."""
-    fold, variant = resolved["fold"], resolved["variant"]
-    metric_rows = pd.DataFrame(
-        [
-            {"method": method, "variant": variant, "fold": fold, "metric": m, "value": v}
-            for m, v in metrics.items()
-        ]
+    """The fold folder, with ``attention.tsv`` and (when the features were standardised)
+    ``feature_scaling.safetensors``: the training split's mean and std."""
+    write_fold_folder(
+        out_dir,
+        method=method,
+        predictions=predictions,
+        metrics=metrics,
+        resolved=resolved,
+        model=model,
+        model_metadata={"model": resolved["model"]},
+        history=history,
+        tables={"attention.tsv": attention},
+        tensors={"feature_scaling.safetensors": scaling} if scaling is not None else None,
     )
-    with atomic_path(out_dir, is_dir=True) as tmp:
-        save_model(
-            model.cpu(),
-            str(tmp / "model.safetensors"),
-            metadata=safetensors_metadata(model=resolved["model"]),
-        )
-        if scaling is not None:
-            save_file(scaling, str(tmp / "feature_scaling.safetensors"))
-        write_tsv(predictions, tmp / "predictions.tsv")
-        write_tsv(metric_rows, tmp / "metrics.tsv")
-        write_tsv(pd.DataFrame(history), tmp / "train_log.tsv")
-        write_tsv(attention, tmp / "attention.tsv")
-        write_yaml(resolved, tmp / "config.yaml")
