@@ -270,3 +270,19 @@ def test_standardising_uses_training_statistics_only(cohort):
     np.testing.assert_allclose(
         scaled["test"][0].features[0], (100.0 - 1.5) / (np.sqrt(1.25) + 1e-6), rtol=1e-5
     )
+
+
+def test_by_hand_commands_use_the_cohorts_own_manifest_rules(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmdiag.cli import _cohort_manifest_rules, app
+
+    config = load_config(
+        ["config/config.yaml", "config/methods/cmus.yaml", "config/methods/csmil.yaml"]
+    )
+    assert _cohort_manifest_rules(config, "toy_micro")["classes"] == CLASSES
+    assert _cohort_manifest_rules(config, "toy_micro")["required_modalities"] == ["WSI"]
+    assert _cohort_manifest_rules(config, "demo")["classes"] == ["IgAN", "MN", "LN"]
+    result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "x"), "--cohort", "nope"])
+    assert result.exit_code == 1 and "unknown cohort 'nope'" in result.output
+    assert not (tmp_path / "x").exists()

@@ -96,6 +96,13 @@ def _feature_store_paths(paths: list[Path]) -> list[Path]:
     return found
 
 
+def _cohort_manifest_rules(settings: dict, cohort: str) -> dict:
+    """The manifest rules of a cohort: its overrides on the manifest section (from YAML
+    files; Snakemake passes the merged rules as ``manifest``)."""
+    overrides = settings.get("cohorts", {}).get(cohort, {}).get("manifest_rules", {})
+    return dict(settings["manifest"]) | overrides
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", err=True, fg="red")
     raise typer.Exit(code=1)
@@ -127,13 +134,18 @@ def synth(
     config: ConfigFiles = None,
     settings_json: SettingsJson = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    cohort_name: Annotated[
+        str | None, typer.Option("--cohort", help="A configured cohort to make (e.g. toy_micro).")
+    ] = None,
 ) -> None:
     """Write a seeded synthetic cohort: the multi-modal renal demo cohort (WSI, OM, IM, TEM,
     CT, genes, clinical table), or with a cohort's ``generator: toy_mil`` CS-MIL's toy slides."""
     from mmdiag.synth import write_synthetic_cohort
 
     settings = _settings(config, settings_json)
-    cohort = settings.get("cohort") or {}
+    if cohort_name is not None and cohort_name not in settings.get("cohorts", {}):
+        _fail(f"unknown cohort {cohort_name!r}; configured: {sorted(settings.get('cohorts', {}))}")
+    cohort = settings["cohorts"][cohort_name] if cohort_name else settings.get("cohort") or {}
     if cohort.get("generator") == "toy_mil":
         from mmdiag.synth.toy_mil import write_toy_cohort
 
@@ -160,6 +172,9 @@ def manifest(
     user_manifest: Annotated[
         Path | None, typer.Option("--manifest", help="A manifest TSV of your own instead.")
     ] = None,
+    cohort: Annotated[
+        str | None, typer.Option(help="Apply this cohort's manifest_rules (e.g. toy_micro).")
+    ] = None,
     config: ConfigFiles = None,
     settings_json: SettingsJson = None,
 ) -> None:
@@ -168,7 +183,8 @@ def manifest(
 
     if (root is None) == (user_manifest is None):
         _fail("give exactly one of --root and --manifest")
-    rules_settings = _settings(config, settings_json)["manifest"]
+    settings = _settings(config, settings_json)
+    rules_settings = _cohort_manifest_rules(settings, cohort) if cohort else settings["manifest"]
     rules = ManifestRules(
         classes=tuple(rules_settings["classes"]),
         stages=tuple(rules_settings["stages"]),
@@ -600,7 +616,7 @@ def csmil_train(
             variant=variant,
             method=method,
             method_settings=method_settings,
-            classes=settings["manifest"]["classes"],
+            classes=_cohort_manifest_rules(settings, method_settings["cohort"])["classes"],
             out_dir=out_dir,
         )
     except ValueError as error:
