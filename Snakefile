@@ -1,13 +1,19 @@
 # mmdiag: raw multi-modal images -> per-fold models -> statistics -> the papers' tables.
 #   snakemake --cores 8 --use-conda results/cmus/fold_all.tsv
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
-configfile: "config/methods/cmus.yaml"
-configfile: "config/methods/csmil.yaml"
+
+
+# One file per method family: config/methods/<name>.yaml (merged in name order).
+for method_config in sorted(Path("config/methods").glob("*.yaml")):
+
+    configfile: method_config
 
 
 wildcard_constraints:
@@ -19,12 +25,18 @@ wildcard_constraints:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
-include: "workflow/rules/segment.smk"
 include: "workflow/rules/patch.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/features.smk"
-include: "workflow/rules/cmus.smk"
-include: "workflow/rules/csmil.smk"
+
+
+# One rule file per configured method family: workflow/rules/<family>.smk.
+for family in configured_families():
+
+    include: f"workflow/rules/{family}.smk"
+
+
+include: "workflow/rules/stats.smk"
 
 
 rule all:

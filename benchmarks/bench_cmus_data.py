@@ -1,7 +1,7 @@
 """CMUS input pipeline: decode once and keep uint8 tensors, versus decoding every epoch.
 
 The trainer decodes, crops and resizes each patient's OM, IM and TEM images once per fold and
-batches from memory (``mmdiag.training.cmus_data``). The baseline is what a plain per-item
+batches from memory (``mmdiag.methods.cmus.data``). The baseline is what a plain per-item
 Dataset does: decode and resize every image again in every epoch. Both produce the same
 normalised batches; the script prints the time of one epoch's worth of batches each way and
 their ratio.
@@ -23,8 +23,8 @@ import torch
 
 from mmdiag.config import load_config
 from mmdiag.data.manifest import ManifestRules, build_manifest
+from mmdiag.methods.cmus.data import collate_patients, load_patient_samples
 from mmdiag.synth import write_synthetic_cohort
-from mmdiag.training.cmus_data import collate_patients, load_patient_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -19,11 +19,16 @@ CONFIG = [
 runner = CliRunner()
 
 
-def test_help_lists_one_command_per_stage():
+def test_help_lists_one_command_per_stage_and_one_group_per_method():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("synth", "manifest", "splits", "train", "aggregate", "check-config"):
+    for command in ("synth", "manifest", "splits", "aggregate", "tables", "check-config"):
         assert command in result.output
+    for family in ("cmus", "csmil"):
+        assert family in result.output
+    assert "csmil-train" not in result.output  # the old names are hidden aliases
+    cmus = runner.invoke(app, ["cmus", "--help"])
+    assert all(c in cmus.output for c in ("segment", "train", "vote", "figures"))
 
 
 def test_check_config_prints_resolved_defaults():
@@ -69,12 +74,13 @@ def test_splits_rejects_an_unknown_scheme(tmp_path):
     assert "unknown split scheme 'nope'" in result.output
 
 
-def test_train_rejects_an_unknown_variant(tmp_path):
+@pytest.mark.parametrize("command", [["cmus", "train"], ["train"]], ids=["group", "old-alias"])
+def test_train_rejects_an_unknown_variant(tmp_path, command):
     settings = json.dumps({"methods": {"cmus": {"variants": {"concat": {}}}}, "manifest": {}})
     result = runner.invoke(
         app,
         [
-            "train",
+            *command,
             "--method",
             "cmus",
             "--variant",
@@ -93,6 +99,17 @@ def test_train_rejects_an_unknown_variant(tmp_path):
     )
     assert result.exit_code == 1
     assert "unknown variant 'nope'; configured: ['concat']" in result.output
+
+
+def test_a_method_of_another_family_is_refused(tmp_path):
+    settings = json.dumps({"methods": {"csmil": {"family": "csmil", "variants": {"csmil": {}}}}})
+    result = runner.invoke(
+        app,
+        ["cmus", "vote", "--method", "csmil", "--variant", "csmil", "--fold", "0"]
+        + ["--out", str(tmp_path), "--settings-json", settings, "x.tsv"],
+    )
+    assert result.exit_code == 1
+    assert "method 'csmil' is of family 'csmil', not 'cmus'" in result.output
 
 
 def test_tables_writes_the_paper_tables(tmp_path):

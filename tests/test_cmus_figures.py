@@ -1,7 +1,7 @@
 """Which variants feed the paper's Figs. 5 and 6, read from the paper config."""
 
 from mmdiag.config import load_config
-from mmdiag.reporting.cmus_figures import batch_size_series, loss_weight_variants
+from mmdiag.methods.cmus.figures import batch_size_series, loss_weight_variants
 
 from .test_config import DEMO, ROOT
 

@@ -1,6 +1,7 @@
 """CMUS-Net learns the demo cohort's planted signal; on permuted labels it does not."""
 
 import copy
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -9,8 +10,8 @@ import pytest
 from mmdiag.config import load_config
 from mmdiag.data.manifest import ManifestRules, build_manifest, read_manifest, write_manifest
 from mmdiag.data.splits import make_splits, write_splits
+from mmdiag.methods.cmus.fold import majority_vote, run_cmus_fold
 from mmdiag.synth import write_synthetic_cohort
-from mmdiag.training.cmus_fold import majority_vote, run_cmus_fold
 
 from .test_config import DEMO
 
@@ -107,3 +108,75 @@ def test_majority_vote_with_ties_taking_the_mean_probability():
     np.testing.assert_allclose(voted.loc[1, [f"prob_{c}" for c in CLASSES]], mean_b)
     with pytest.raises(ValueError, match="same patients"):
         majority_vote([members[0], members[1].assign(y_true=[1, 1])], CLASSES)
+
+
+def test_a_cmus_cohort_trains_on_its_own_classes(demo, tmp_path):
+    """A cohort's manifest_rules reach CMUS-Net as they reach every method: its classes."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from mmdiag.cli import app
+
+    _, root, manifest_path, scheme = demo
+    own_classes = [*CLASSES, "FSGS"]  # a fourth class that this cohort has, the global rules not
+    override = tmp_path / "cohort.yaml"
+    override.write_text(
+        yaml.safe_dump(
+            {
+                "cohorts": {"demo": {"manifest_rules": {"classes": own_classes}}},
+                "methods": {
+                    "cmus": {
+                        "preprocess": {"image_size_px": 32, "tem_legend_px": 6},
+                        "train": {"epochs": 1},
+                    }
+                },
+            }
+        )
+    )
+    splits_path = write_splits(
+        make_splits(read_manifest(manifest_path), "k3", scheme, seed=1), tmp_path / "k3.json"
+    )
+    config = [f"--config={path}" for path in (*DEMO, override)]
+    result = CliRunner().invoke(
+        app,
+        ["cmus", "train", "--variant", "om", "--fold", "0", "--manifest", str(manifest_path)]
+        + ["--splits", str(splits_path), "--out", str(tmp_path / "fold_0"), *config],
+    )
+    assert result.exit_code == 0, result.output
+    predictions = pd.read_csv(tmp_path / "fold_0/predictions.tsv", sep="\t")
+    assert [c for c in predictions.columns if c.startswith("prob_")] == [
+        f"prob_{name}" for name in own_classes
+    ]
+    resolved = yaml.safe_load((tmp_path / "fold_0/config.yaml").read_text())
+    assert resolved["classes"] == own_classes
+
+
+def test_the_workflow_passes_each_methods_cohort_rules(tmp_path):
+    """The rules hand a method its cohort's classes (CMUS and CS-MIL alike)."""
+    import json
+    import re
+
+    from .test_workflow import BIN, copy_workflow
+
+    copy_workflow(tmp_path)
+    override = tmp_path / "config" / "cohort.yaml"
+    override.write_text(
+        "cohorts:\n  demo:\n    manifest_rules:\n      classes: [IgAN, MN, LN, FSGS]\n"
+    )
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "results/cmus/cmus_net/fold_0/metrics.tsv"]
+        + ["results/csmil/csmil/fold_0/metrics.tsv", "-n", "-p", "--configfile", str(override)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    settings = {
+        command: json.loads(re.search(r"--settings-json '([^']*)'", line).group(1))
+        for line in result.stdout.splitlines()
+        for command in ("cmus train", "csmil train")
+        if f"mmdiag {command}" in line
+    }
+    assert settings["cmus train"]["manifest"]["classes"] == ["IgAN", "MN", "LN", "FSGS"]
+    assert settings["csmil train"]["manifest"]["classes"] == ["negative", "positive"]

@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmdiag.config import ConfigError, load_config, load_schema, validate_config
+from mmdiag.config import (
+    ConfigError,
+    family_schema,
+    load_config,
+    load_schema,
+    method_families,
+    validate_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = [ROOT / "config/config.yaml", ROOT / "config/methods/cmus.yaml"]
@@ -28,8 +35,12 @@ def _schema_nodes(node, path="$"):
     extra = node.get("additionalProperties")
     if isinstance(extra, dict):
         yield from _schema_nodes(extra, f"{path}.*")
+    families = method_families(node) if "$defs" in node else {}
     for name, child in node.get("$defs", {}).items():
-        yield from _schema_nodes(child, f"$defs.{name}")
+        if name == "method":
+            continue  # walked inside each family's merged schema
+        merged = family_schema(name, node) if name in families else child
+        yield from _schema_nodes(merged, f"$defs.{name}")
 
 
 def test_every_schema_key_is_described_with_a_default():

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from mmdiag.models.csmil import csmil
-from mmdiag.training.csmil_bags import (
+from mmdiag.methods.csmil.bags import (
     BagScores,
     aggregate_bag_probabilities,
     collate_bags,
     sample_bag,
     sample_bags,
 )
+from mmdiag.models.csmil import csmil
 
 # cluster sizes 40, 25, (2 absent), 60, 33; ids shuffled as k-means labels come
 CLUSTERS = np.random.default_rng(7).permutation(np.repeat([0, 1, 3, 4], [40, 25, 60, 33]))

@@ -12,9 +12,9 @@ from mmdiag.config import ConfigError, load_config, validate_config
 from mmdiag.data.manifest import MANIFEST_COLUMNS, write_manifest
 from mmdiag.features.phenotypes import cluster_patients
 from mmdiag.features.store import write_feature_store
+from mmdiag.methods.csmil.fold import binary_metrics, run_csmil_fold
+from mmdiag.methods.csmil.toy_table import render_toy_markdown, toy_table
 from mmdiag.models import create_model
-from mmdiag.reporting.toy_table import render_toy_markdown, toy_table
-from mmdiag.training.csmil_fold import binary_metrics, run_csmil_fold
 
 CLASSES = ["negative", "positive"]
 N_PATIENTS, N_PATCHES, DIM = 30, 12, 16
@@ -254,7 +254,7 @@ def test_csmil_config_validates_and_rejects_unknown_models():
 
 
 def test_standardising_uses_training_statistics_only(cohort):
-    from mmdiag.training.csmil_fold import Slide, standardise
+    from mmdiag.methods.csmil.data import Slide, standardise
 
     def slide(value):
         features = np.full((2, 3, 4), value, dtype=np.float32)
@@ -275,7 +275,8 @@ def test_standardising_uses_training_statistics_only(cohort):
 def test_by_hand_commands_use_the_cohorts_own_manifest_rules(tmp_path):
     from typer.testing import CliRunner
 
-    from mmdiag.cli import _cohort_manifest_rules, app
+    from mmdiag.cli import app
+    from mmdiag.config import cohort_manifest_rules as _cohort_manifest_rules
 
     config = load_config(
         ["config/config.yaml", "config/methods/cmus.yaml", "config/methods/csmil.yaml"]

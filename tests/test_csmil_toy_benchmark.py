@@ -16,10 +16,10 @@ from mmdiag.config import load_config
 from mmdiag.data.manifest import ManifestRules, build_manifest, write_manifest
 from mmdiag.features.extract import ExtractSettings, extract_cohort_features
 from mmdiag.features.phenotypes import cluster_patients
+from mmdiag.methods.csmil.fold import run_csmil_fold
 from mmdiag.patching.pipeline import patch_slide
 from mmdiag.ssl.train import SSLSettings, pretrain
 from mmdiag.synth.toy_mil import write_toy_cohort
-from mmdiag.training.csmil_fold import run_csmil_fold
 
 N_SLIDES, PATCH_PX = 40, 128
 CLASSES = ["negative", "positive"]

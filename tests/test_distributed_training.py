@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from mmdiag.config import load_config
 from mmdiag.data.manifest import ManifestRules, build_manifest, read_manifest, write_manifest
 from mmdiag.data.splits import make_splits, write_splits
+from mmdiag.methods.cmus.data import PatientSample, collate_patients
 from mmdiag.models import create_model
 from mmdiag.synth import write_synthetic_cohort
-from mmdiag.training.cmus_data import PatientSample, collate_patients
 from mmdiag.training.distributed import gather_rows, init_distributed, shutdown, unwrap
 from mmdiag.training.loop import (
     GlobalBatchDropout,
@@ -219,7 +219,18 @@ def tiny_fold(tmp_path_factory):
 
 def _train(launcher, tiny_fold, variant, out):
     root, manifest, splits, settings = tiny_fold
-    arguments = ["-m", "mmdiag", "train", "--method", "cmus", "--variant", variant, "--fold", "0"]
+    arguments = [
+        "-m",
+        "mmdiag",
+        "cmus",
+        "train",
+        "--method",
+        "cmus",
+        "--variant",
+        variant,
+        "--fold",
+        "0",
+    ]
     arguments += ["--manifest", str(manifest), "--splits", str(splits), "--out", str(out)]
     _run_module(launcher, *arguments, "--threads", "1", "--settings-json", settings)
 
@@ -277,11 +288,11 @@ def test_a_rule_given_several_gpus_starts_torchrun(tmp_path):
         )
         assert result.returncode == 0, result.stderr[-3000:]
         shells[gpus] = next(
-            line for line in result.stdout.splitlines() if "-m mmdiag train" in line
+            line for line in result.stdout.splitlines() if "-m mmdiag cmus train" in line
         )
     assert "torchrun" not in shells[0] and "torchrun" not in shells[1]
-    assert "python -m mmdiag train" in shells[1]
-    assert "torchrun --standalone --nproc-per-node 4 -m mmdiag train" in shells[4]
+    assert "python -m mmdiag cmus train" in shells[1]
+    assert "torchrun --standalone --nproc-per-node 4 -m mmdiag cmus train" in shells[4]
 
 
 if __name__ == "__main__":

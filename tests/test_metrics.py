@@ -79,3 +79,53 @@ def test_aggregate_complete_and_incomplete(tmp_path):
     odd = _metric_file(tmp_path, "c", 0, metrics=("ACC",))
     with pytest.raises(ValueError, match="different metrics"):
         aggregate_fold_metrics([*files, odd])
+
+
+def test_every_named_metric_matches_its_reference():
+    from sklearn.metrics import (
+        average_precision_score,
+        balanced_accuracy_score,
+        cohen_kappa_score,
+        f1_score,
+    )
+
+    from mmdiag.evaluation.metrics import METRICS, compute_metrics
+
+    rng = np.random.default_rng(1)
+    for n_classes in (2, 4):
+        y_true = rng.integers(0, n_classes, size=60)
+        prob = rng.dirichlet(np.ones(n_classes), size=60)
+        y_pred = prob.argmax(1)
+        metrics = compute_metrics(["AP", "BACC", "microF1", "QWK"], y_true, prob=prob)
+        expected_ap = (
+            average_precision_score(y_true, prob[:, 1])
+            if n_classes == 2
+            else np.mean([average_precision_score(y_true == k, prob[:, k]) for k in range(4)])
+        )
+        assert metrics["AP"] == pytest.approx(expected_ap)
+        assert metrics["BACC"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+        assert metrics["microF1"] == pytest.approx(f1_score(y_true, y_pred, average="micro"))
+        assert metrics["QWK"] == pytest.approx(
+            cohen_kappa_score(y_true, y_pred, weights="quadratic", labels=range(n_classes))
+        )
+    assert {"ACC", "AUC", "PRE", "REC", "SPE", "F1", "AP", "BACC", "QWK", "C-index"} <= set(METRICS)
+
+
+def test_c_index_and_given_predictions():
+    from mmdiag.evaluation.metrics import compute_metrics
+
+    # risks ordered exactly against the event times: every comparable pair is concordant
+    time, event = [1.0, 2.0, 3.0, 4.0], [1, 1, 0, 1]
+    risk = [4.0, 3.0, 2.0, 1.0]
+    y = [0, 0, 1, 1]
+    assert compute_metrics(["C-index"], y, time=time, event=event, risk=risk) == {"C-index": 1.0}
+    reversed_risk = compute_metrics(["C-index"], y, time=time, event=event, risk=risk[::-1])
+    assert reversed_risk["C-index"] == 0.0
+    # y_pred, when given, replaces the arg-max of prob (a vote's or a threshold's classes)
+    prob = np.array([[0.9, 0.1], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8]])
+    assert compute_metrics(["ACC"], y, prob=prob)["ACC"] == 1.0
+    assert compute_metrics(["ACC"], y, prob=prob, y_pred=[1, 0, 1, 1])["ACC"] == 0.75
+    with pytest.raises(ValueError, match="unknown metric"):
+        compute_metrics(["nope"], y, prob=prob)
+    with pytest.raises(ValueError, match="C-index needs time"):
+        compute_metrics(["C-index"], y, prob=prob)

@@ -1,10 +1,12 @@
-"""Model registry, the CMUS concatenation baseline and encoder checkpoint loading."""
+"""Model registry (every registered model forward and backward), the CMUS concatenation
+baseline and encoder checkpoint loading."""
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.nn import functional as F
 
-from mmdiag.models import create_model, list_models
+from mmdiag.models import create_model, list_models, registered_model
 from mmdiag.models.cmus import bag_mean
 from mmdiag.models.encoders import create_encoder, load_encoder_checkpoint
 
@@ -21,15 +23,54 @@ def _batch(n_patients=2, tem_counts=(2, 3), size=32, seed=0):
     }
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n.startswith("cmus")])
+def _training_loss(model, batch):
+    """The model's own loss when it has one (as the training loop), else cross-entropy."""
+    if hasattr(model, "loss"):
+        return model.loss(batch)[0]
+    return F.cross_entropy(model(batch), batch["label"])
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_runs_forward_and_backward(name):
+    entry = registered_model(name)
+    kwargs, batch = entry.example()
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs)
+    output = model(batch)
+    n_cases = len(batch["label"])
+    assert output.shape[0] == n_cases and torch.isfinite(output).all()
+    loss = _training_loss(model, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    learning = [p for p in parameters if p.grad is not None and p.grad.abs().sum() > 0]
+    # every part learns (a token-map encoder's unused classifier norm may stay without a gradient)
+    assert len(learning) > 0.8 * len(parameters), f"{len(learning)} of {len(parameters)}"
+    # the model depends on its input: another batch gives other outputs
+    other = {
+        k: (v + 1.0 if v.is_floating_point() and k != "label" else v) for k, v in batch.items()
+    }
+    with torch.no_grad():
+        model.eval()
+        assert not torch.allclose(model(batch), model(other))
+
+
+def test_every_model_names_a_configured_family():
+    from mmdiag.config import method_families
+
+    families = set(method_families())
+    assert {registered_model(name).family for name in list_models()} <= families
+    assert list_models("csmil") and set(list_models("csmil")) < set(list_models())
+
+
+@pytest.mark.parametrize("name", list_models("cmus"))
 @pytest.mark.parametrize("modalities", [("OM", "IM", "TEM"), ("OM",), ("IM", "TEM")])
-def test_every_model_runs_forward_and_backward(name, modalities):
+def test_every_cmus_model_trains_each_modality_subset(name, modalities):
     model = create_model(name, num_classes=3, modalities=modalities, **TINY)
     logits = model(_batch())
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
     logits.sum().backward()
     for modality in modalities:
-        # every encoder learns (its classifier-head norm may stay unused by token-map models)
         grads = [p.grad for p in model.encoders[modality].parameters() if p.grad is not None]
         assert len(grads) > 0.8 * len(list(model.encoders[modality].parameters()))
         assert any(g.abs().sum() > 0 for g in grads)

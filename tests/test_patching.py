@@ -183,6 +183,33 @@ def test_otsu_matches_reference():
         assert otsu_threshold(values) == _reference_otsu(values)
 
 
+def test_otsu_maximises_brute_force_between_class_variance():
+    """Every cut t of 8-bit values, its variance from the two classes' pixels directly."""
+    rng = np.random.default_rng(5)
+    images = [
+        np.zeros(0, np.uint8),
+        np.full((9, 9), 0, np.uint8),
+        np.full((9, 9), 140, np.uint8),
+        np.array([7] * 30 + [180] * 30, np.uint8),
+    ]
+    for _ in range(30):
+        glass = rng.normal(rng.uniform(0, 12), rng.uniform(0.5, 4), rng.integers(0, 2000))
+        tissue = rng.normal(rng.uniform(30, 200), rng.uniform(3, 40), rng.integers(0, 800))
+        images.append(np.clip(np.rint(np.concatenate([glass, tissue])), 0, 255).astype(np.uint8))
+    for values in images:
+        flat = values.ravel().astype(np.float64)
+        between = np.zeros(256)
+        for t in range(256):
+            low, high = flat[flat <= t], flat[flat > t]
+            if low.size and high.size:
+                between[t] = low.size * high.size * (low.mean() - high.mean()) ** 2
+        threshold = otsu_threshold(values)
+        assert threshold.is_integer()
+        assert between[int(threshold)] >= between.max() * (1 - 1e-12)
+        if between.max() == 0:  # nothing to separate: the first cut
+            assert threshold == 0
+
+
 def test_tissue_mask_on_real_he():
     with Slide(_real(CMU)) as slide:
         thumb, _ = slide.thumbnail(4.0)

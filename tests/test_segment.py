@@ -99,6 +99,69 @@ def test_otsu_threshold_lies_between_the_modes_and_matches_reference():
         otsu_threshold(np.array([np.nan]))
 
 
+def _brute_force_otsu(values: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Between-class variance of every cut k (class 0 = bins 0..k), from the binned values.
+
+    Each value is replaced by its bin centre; both classes' sizes and means are computed from
+    those values directly, not from cumulative sums. Returns (variance per cut, cut values).
+    """
+    values = values[np.isfinite(values)]
+    edges = np.histogram_bin_edges(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, bins - 1)
+    binned = centres[index]
+    between = np.zeros(bins - 1)
+    for k in range(bins - 1):
+        low, high = binned[index <= k], binned[index > k]
+        if low.size and high.size:
+            between[k] = low.size * high.size * (low.mean() - high.mean()) ** 2
+    return between, edges[1:]
+
+
+def _assert_best_cut(threshold: float, between: np.ndarray, cuts: np.ndarray) -> None:
+    best = between.max()
+    k = int(np.flatnonzero(cuts == threshold)[0])
+    assert between[k] >= best * (1 - 1e-12)
+    near = np.flatnonzero(between >= best * (1 - 1e-9))
+    if near.size == 1:  # a clear maximum: the very same cut
+        assert k == near[0]
+
+
+def test_otsu_threshold_maximises_brute_force_between_class_variance():
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        n_low, n_high = rng.integers(1, 400, size=2)
+        values = np.concatenate(
+            [rng.normal(0, 1, n_low), rng.normal(rng.uniform(0.5, 6), rng.uniform(0.2, 2), n_high)]
+        )
+        if trial % 3 == 0:
+            values[rng.random(values.size) < 0.1] = rng.choice([np.nan, np.inf, -np.inf])
+        bins = int(rng.choice([2, 5, 32, 256]))
+        threshold = otsu_threshold(values, bins=bins)
+        _assert_best_cut(threshold, *_brute_force_otsu(values, bins))
+
+
+def test_otsu_threshold_on_grey_levels():
+    rng = np.random.default_rng(12)
+    levels = rng.integers(0, 256, 1000)
+    as_uint8 = otsu_threshold(levels.astype(np.uint8))
+    assert as_uint8 == otsu_threshold(levels.astype(np.float64), integer_levels=True)
+    assert as_uint8 == otsu_threshold(levels, integer_levels=True) and as_uint8.is_integer()
+    # one bin per level, whatever the data's range; no separating cut gives 0
+    assert otsu_threshold(np.full(7, 100, np.uint8)) == 0.0
+    assert otsu_threshold(np.zeros(0, np.uint8)) == 0.0
+    assert otsu_threshold(np.array([3, 3, 9, 9], np.uint8)) == 3.0
+    # integer_levels=False on uint8 is the float histogram of the same values
+    assert otsu_threshold(levels.astype(np.uint8), integer_levels=False) == otsu_threshold(
+        levels.astype(np.float64)
+    )
+    for bad in ([0.0, 2.5], [-1, 4], [0, 256]):
+        with pytest.raises(ValueError, match=r"integer levels 0\.\.255"):
+            otsu_threshold(np.array(bad), integer_levels=True)
+    with pytest.raises(ValueError, match="bins must be at least 2"):
+        otsu_threshold(np.arange(5.0), bins=1)
+
+
 @pytest.mark.parametrize("pattern", DISEASES)
 def test_detector_finds_the_demo_glomerulus(pattern):
     for seed in range(4):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
 from itertools import combinations
@@ -14,6 +15,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
+from mmdiag import stats
 from mmdiag.stats import roc
 from mmdiag.stats.roc import (
     AUCInterval,
@@ -504,3 +506,32 @@ def test_invalid_arguments_raise_value_error(call, match):
 def test_optional_arguments_are_keyword_only(call):
     with pytest.raises(TypeError):
         call()
+
+
+# One level validator for every public function of mmdiag.stats that takes ``level``.
+LEVEL_CALLS = {
+    "auc_ci": lambda level: stats.auc_ci(Y, A, level=level),
+    "bootstrap_auc_test": lambda level: stats.bootstrap_auc_test(Y, A, B, n_boot=50, level=level),
+    "paired_ttest": lambda level: stats.paired_ttest(A, B, level=level),
+}
+
+
+def test_level_calls_cover_every_public_function_with_a_level():
+    with_level = {
+        name
+        for name in stats.__all__
+        if callable(obj := getattr(stats, name))
+        and not isinstance(obj, type)
+        and "level" in inspect.signature(obj).parameters
+    }
+    assert with_level == set(LEVEL_CALLS)
+
+
+@pytest.mark.parametrize("name", sorted(LEVEL_CALLS))
+def test_level_accepts_numpy_reals_and_rejects_bools(name):
+    call = LEVEL_CALLS[name]
+    assert call(np.float32(0.9)) == call(float(np.float32(0.9)))
+    assert call(np.float64(0.9)) == call(0.9)
+    for bad in (True, False, np.True_, np.int64(1), np.float64(np.nan), "0.9", None):
+        with pytest.raises(ValueError, match=r"level must be a number in \(0, 1\), got"):
+            call(bad)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from mmdiag.methods.cmus.data import PatientSample, collate_patients, load_image
 from mmdiag.models import create_model
-from mmdiag.training.cmus_data import PatientSample, collate_patients, load_image
 from mmdiag.training.loop import TrainSettings, predict_proba, train_model
 
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]

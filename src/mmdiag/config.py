@@ -69,11 +69,12 @@ def validate_config(config: Mapping, *, source: str = "config") -> dict:
 
     Returns a new dictionary; raises :class:`ConfigError` listing every problem.
     """
-    schema = load_schema()
     config = copy.deepcopy(dict(config))
+    family_problems = list(_assign_families(config))
+    schema = _schema_of_methods(config, load_schema())
     _fill_defaults(config, schema, schema)
     validator = jsonschema.Draft202012Validator(schema)
-    problems = [_describe(error) for error in validator.iter_errors(config)]
+    problems = family_problems + [_describe(error) for error in validator.iter_errors(config)]
     if not problems:
         for settings in config.get("methods", {}).values():
             _expand_loss_weight_grid(settings, schema)
@@ -82,6 +83,61 @@ def validate_config(config: Mapping, *, source: str = "config") -> dict:
         listing = "\n".join(f"  - {problem}" for problem in sorted(set(problems)))
         raise ConfigError(f"invalid {source}:\n{listing}")
     return config
+
+
+def method_families(schema: Mapping | None = None) -> dict[str, Mapping]:
+    """The method families of the schema: ``$defs`` entries whose ``family`` is their name."""
+    schema = schema or load_schema()
+    return {
+        name: definition
+        for name, definition in schema["$defs"].items()
+        if definition.get("properties", {}).get("family", {}).get("const") == name
+    }
+
+
+def family_schema(family: str, schema: Mapping | None = None) -> dict:
+    """The schema of a method of ``family``: ``$defs/method`` (the keys every method shares)
+    with ``$defs/<family>`` merged over it (its own keys, and its defaults for shared ones)."""
+    schema = schema or load_schema()
+    shared = schema["$defs"]["method"]
+    own = method_families(schema)[family]
+    merged = deep_merge(shared, own)
+    merged["required"] = sorted(set(shared.get("required", [])) | set(own.get("required", [])))
+    return merged
+
+
+def _assign_families(config: dict) -> Iterable[str]:
+    """Give each method its ``family`` (default: its own name, when that is a family); yield a
+    problem for a family the schema does not define."""
+    families = sorted(method_families())
+    for name, settings in config.get("methods", {}).items():
+        if not isinstance(settings, dict):
+            continue
+        if "family" not in settings and name in families:
+            settings["family"] = name
+        family = settings.get("family")
+        if family is not None and family not in families:
+            yield (
+                f"methods.{name}.family: {family!r} is not a method family; "
+                f"allowed values: {families}"
+            )
+
+
+def _schema_of_methods(config: Mapping, schema: Mapping) -> dict:
+    """The schema with each configured method's own entry (:func:`family_schema`)."""
+    families = method_families(schema)
+    family_only = {"type": "object", "required": ["family"]}  # the family problem alone
+    per_method = {
+        name: (
+            family_schema(settings["family"], schema)
+            if isinstance(settings, Mapping) and settings.get("family") in families
+            else family_only
+        )
+        for name, settings in config.get("methods", {}).items()
+    }
+    schema = copy.deepcopy(dict(schema))
+    schema["properties"]["methods"]["properties"] = per_method
+    return schema
 
 
 def _resolve(node: Mapping, schema: Mapping) -> Mapping:
@@ -193,6 +249,16 @@ def _variant_problems(method: str, settings: Mapping, variants: Mapping) -> Iter
             yield f"{where}.variants.{name}.loss_weights: must sum to 1, got {spec['loss_weights']}"
 
 
+def cohort_manifest_rules(config: Mapping, cohort: str) -> dict:
+    """The manifest section with a cohort's ``manifest_rules`` overrides (e.g. its classes).
+
+    Every method reads its classes through this, whatever its family, so a method trains on
+    the classes its cohort's manifest was built with.
+    """
+    overrides = config.get("cohorts", {}).get(cohort, {}).get("manifest_rules", {})
+    return dict(config["manifest"]) | dict(overrides)
+
+
 def loss_weight_grid(step: float, minimum: float) -> list[tuple[float, float, float]]:
     """(alpha, beta, gamma) on a grid of ``step`` with every weight >= ``minimum``, summing to 1."""
     n_steps = round(1 / step)
@@ -206,6 +272,19 @@ def loss_weight_grid(step: float, minimum: float) -> list[tuple[float, float, fl
     return grid
 
 
+def loss_weight_variant_name(alpha: float, beta: float, gamma: float) -> str:
+    """The name of the grid variant with loss weights (alpha, beta, gamma)."""
+    return f"wl_a{round(alpha * 10)}_b{round(beta * 10)}_g{round(gamma * 10)}"
+
+
+def loss_weight_grid_variants(settings: Mapping) -> list[str]:
+    """The names of the variants a method's ``loss_weight_grid`` adds (none without one)."""
+    grid = settings.get("loss_weight_grid")
+    if not grid:
+        return []
+    return [loss_weight_variant_name(*w) for w in loss_weight_grid(grid["step"], grid["minimum"])]
+
+
 def _expand_loss_weight_grid(settings: dict, schema: Mapping) -> None:
     """Fig. 6: add a copy of the grid's base variant for every (alpha, beta, gamma)."""
     grid = settings.get("loss_weight_grid")
@@ -213,7 +292,7 @@ def _expand_loss_weight_grid(settings: dict, schema: Mapping) -> None:
         return
     base = settings["variants"][grid["base"]]
     for alpha, beta, gamma in loss_weight_grid(grid["step"], grid["minimum"]):
-        name = f"wl_a{round(alpha * 10)}_b{round(beta * 10)}_g{round(gamma * 10)}"
+        name = loss_weight_variant_name(alpha, beta, gamma)
         variant = copy.deepcopy(base)
         variant["loss_weights"] = {"OM": alpha, "IM": beta, "TEM": gamma}
         settings["variants"].setdefault(name, variant)

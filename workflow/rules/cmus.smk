@@ -1,10 +1,47 @@
-# CMUS-Net (OM + IM + TEM bag), for every method of the family (cmus, cmus_staging):
-# per-fold training or late votes, fold_all.tsv, tables and figures.
+# CMUS-Net (OM + IM + TEM bag), for every method of the family (cmus, cmus_staging): OM
+# glomerulus segmentation, per-fold training or late votes, and figures.
+
+CMUS_METHODS = methods_of_family("cmus")
+CMUS_METHODS_REGEX = alternatives_regex(CMUS_METHODS)
+CMUS_TRAINED_REGEX = variants_where(
+    CMUS_METHODS, lambda spec: spec["model"] != "late_vote"
+)
+CMUS_VOTE_REGEX = variants_where(
+    CMUS_METHODS, lambda spec: spec["model"] == "late_vote"
+)
+cmus_inputs = family_module("cmus", "workflow")  # the rules' input functions
+
+
+rule cmus_segment:
+    input:
+        manifest="results/{cohort}/manifest.tsv",
+    output:
+        table="results/{cohort}/masks/glomerulus/glomeruli.tsv",
+        masks=directory("results/{cohort}/masks/glomerulus/masks"),
+        qc=directory("results/{cohort}/masks/glomerulus/qc"),
+    log:
+        "logs/cmus_segment/{cohort}.log",
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,  # one OM image at a time; a SAM ViT-H checkpoint needs about 3 GB
+        runtime=60,
+        gpu=0,
+    params:
+        out=subpath(output.table, parent=True),
+        method=lambda wildcards: cmus_inputs.method_of_cohort(config, wildcards.cohort),
+        settings=lambda wildcards: settings_json_of_method(
+            cmus_inputs.method_of_cohort(config, wildcards.cohort)
+        ),
+    shell:
+        "python -m mmdiag cmus segment --manifest {input.manifest} --out-dir {params.out}"
+        " --method {params.method} --settings-json {params.settings:q} > {log} 2>&1"
 
 
 rule cmus_train_fold:
     input:
-        unpack(get_cmus_fold_inputs),
+        unpack(lambda wildcards: cmus_inputs.fold_inputs(config, wildcards.method)),
     output:
         model="results/{method}/{variant}/fold_{fold}/model.safetensors",
         predictions="results/{method}/{variant}/fold_{fold}/predictions.tsv",
@@ -35,10 +72,10 @@ rule cmus_train_fold:
     params:
         launcher=lambda wildcards, resources: torch_launcher(resources.gpu),
         out=subpath(output.metrics, parent=True),
-        crops=get_cmus_crop_argument,
+        crops=lambda wildcards, input: cmus_inputs.crop_argument(input),
         settings=lambda wildcards: settings_json_of_method(wildcards.method),
     shell:
-        "{params.launcher} -m mmdiag train --method {wildcards.method} --variant {wildcards.variant}"
+        "{params.launcher} -m mmdiag cmus train --method {wildcards.method} --variant {wildcards.variant}"
         " --fold {wildcards.fold} --manifest {input.manifest} --splits {input.splits}"
         " {params.crops} --out {params.out} --threads {threads}"
         " --settings-json {params.settings:q} > {log} 2>&1"
@@ -46,7 +83,7 @@ rule cmus_train_fold:
 
 rule cmus_vote_fold:
     input:
-        members=get_cmus_vote_members,
+        members=lambda w: cmus_inputs.vote_members(config, w.method, w.variant, w.fold),
     output:
         predictions="results/{method}/{variant}/fold_{fold}/predictions.tsv",
         metrics="results/{method}/{variant}/fold_{fold}/metrics.tsv",
@@ -68,69 +105,14 @@ rule cmus_vote_fold:
         out=subpath(output.metrics, parent=True),
         settings=lambda wildcards: settings_json_of_method(wildcards.method),
     shell:
-        "python -m mmdiag vote --method {wildcards.method} --variant {wildcards.variant}"
+        "python -m mmdiag cmus vote --method {wildcards.method} --variant {wildcards.variant}"
         " --fold {wildcards.fold} --out {params.out} --settings-json {params.settings:q}"
         " {input.members} > {log} 2>&1"
 
 
-rule cmus_fold_all:
-    input:
-        metrics=lambda wildcards: get_method_fold_files(wildcards.method, "metrics.tsv"),
-    output:
-        fold_all="results/{method}/fold_all.tsv",
-    log:
-        "logs/cmus_fold_all/{method}.log",
-    wildcard_constraints:
-        method=CMUS_METHODS_REGEX,
-    conda:
-        "../../envs/mmdiag.yaml"
-    threads: 1
-    resources:
-        mem_mb=500,
-        runtime=5,
-        gpu=0,
-    shell:
-        "python -m mmdiag aggregate {input.metrics} --out {output.fold_all} > {log} 2>&1"
-
-
-rule cmus_tables:
-    input:
-        fold_all="results/{method}/fold_all.tsv",
-        predictions=lambda wildcards: get_method_fold_files(
-            wildcards.method, "predictions.tsv"
-        ),
-    output:
-        summary="results/{method}/summary.tsv",
-        stats="results/{method}/stats.tsv",
-        tables=report(
-            directory("results/{method}/tables"),
-            patterns=["{name}.md"],
-            caption="../report/cmus_table.rst",
-            category="CMUS-Net",
-        ),
-    log:
-        "logs/cmus_tables/{method}.log",
-    wildcard_constraints:
-        method=CMUS_METHODS_REGEX,
-    conda:
-        "../../envs/mmdiag.yaml"
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-        gpu=0,
-    params:
-        out=subpath(output.summary, parent=True),
-        settings=lambda wildcards: settings_json_of_method(wildcards.method),
-    shell:
-        "python -m mmdiag tables --method {wildcards.method} --fold-all {input.fold_all}"
-        " --out-dir {params.out} --settings-json {params.settings:q} {input.predictions}"
-        " > {log} 2>&1"
-
-
 rule cmus_figures:
     input:
-        unpack(get_cmus_fold_inputs),
+        unpack(lambda wildcards: cmus_inputs.fold_inputs(config, wildcards.method)),
         fold_all="results/{method}/fold_all.tsv",
         predictions=lambda wildcards: get_method_fold_files(
             wildcards.method, "predictions.tsv"
@@ -159,9 +141,9 @@ rule cmus_figures:
         gpu=0,
     params:
         results=subpath(input.fold_all, parent=True),
-        crops=get_cmus_crop_argument,
+        crops=lambda wildcards, input: cmus_inputs.crop_argument(input),
         settings=lambda wildcards: settings_json_of_method(wildcards.method),
     shell:
-        "python -m mmdiag figures --method {wildcards.method} --results {params.results}"
+        "python -m mmdiag cmus figures --method {wildcards.method} --results {params.results}"
         " --manifest {input.manifest} --splits {input.splits} {params.crops}"
         " --out-dir {output.figures} --settings-json {params.settings:q} > {log} 2>&1"

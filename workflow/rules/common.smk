@@ -5,12 +5,17 @@ import shlex
 import sys
 from pathlib import Path
 
-import pandas as pd
 from snakemake.exceptions import WorkflowError
 
 # The checkout's package validates the config, also where mmdiag is not installed.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
-from mmdiag.config import ConfigError, validate_config  # noqa: E402
+from mmdiag.config import (
+    ConfigError,
+    cohort_manifest_rules,
+    validate_config,
+)  # noqa: E402
+from mmdiag.io import read_tsv  # noqa: E402
+from mmdiag.methods import family_module  # noqa: E402
 
 try:
     config.update(validate_config(config))
@@ -35,9 +40,10 @@ def settings_json(*sections):
 
 
 def settings_json_of_method(method):
-    """A method's validated settings plus the manifest rules its steps need."""
+    """A method's validated settings plus its cohort's manifest rules (its classes)."""
+    rules = cohort_manifest_rules(config, config["methods"][method]["cohort"])
     return json.dumps(
-        {"methods": {method: config["methods"][method]}, "manifest": config["manifest"]}
+        {"methods": {method: config["methods"][method]}, "manifest": rules}
     )
 
 
@@ -68,22 +74,9 @@ def cohort_synth_settings(cohort):
     return json.dumps({"synth": config["synth"]})
 
 
-def cohort_manifest_rules(cohort):
-    """The manifest section with the cohort's overrides (e.g. its own classes)."""
-    return dict(config["manifest"]) | config["cohorts"][cohort]["manifest_rules"]
-
-
 def cohort_manifest_settings(cohort):
-    """What `mmdiag manifest` needs for a cohort."""
-    return json.dumps({"manifest": cohort_manifest_rules(cohort)})
-
-
-def settings_json_of_csmil(method):
-    """A CS-MIL method's settings plus its cohort's manifest rules (the two classes)."""
-    rules = cohort_manifest_rules(config["methods"][method]["cohort"])
-    return json.dumps(
-        {"methods": {method: config["methods"][method]}, "manifest": rules}
-    )
+    """What `mmdiag manifest` needs for a cohort: the manifest rules with its overrides."""
+    return json.dumps({"manifest": cohort_manifest_rules(config, cohort)})
 
 
 def alternatives_regex(names):
@@ -91,63 +84,33 @@ def alternatives_regex(names):
     return "|".join(re.escape(n) for n in sorted(names)) or "(?!)"
 
 
-CMUS_METHODS = [m for m in config["methods"] if m.startswith("cmus")]
-CSMIL_METHODS = [m for m in config["methods"] if m.startswith("csmil")]
-CSMIL_METHODS_REGEX = alternatives_regex(CSMIL_METHODS)
-CMUS_METHODS_REGEX = alternatives_regex(CMUS_METHODS)
-CMUS_TRAINED_REGEX = alternatives_regex(
-    {
-        name
-        for m in CMUS_METHODS
-        for name, spec in config["methods"][m]["variants"].items()
-        if spec["model"] != "late_vote"
-    }
-)
-CMUS_VOTE_REGEX = alternatives_regex(
-    {
-        name
-        for m in CMUS_METHODS
-        for name, spec in config["methods"][m]["variants"].items()
-        if spec["model"] == "late_vote"
-    }
-)
+def configured_families():
+    """The method families of the configured methods (each has workflow/rules/<family>.smk)."""
+    return sorted({settings["family"] for settings in config["methods"].values()})
 
 
-def cmus_method_of_cohort(cohort):
-    """The CMUS-family method whose segmentation settings apply to a cohort (the first)."""
-    for method in CMUS_METHODS:
-        if config["methods"][method]["cohort"] == cohort:
-            return method
-    raise ValueError(f"no CMUS method uses cohort {cohort!r}")
-
-
-def uses_glomerulus_crops(method):
-    return config["methods"][method]["preprocess"]["om_glomerulus_crop"]
-
-
-def get_cmus_fold_inputs(wildcards):
-    """Manifest, split and (when the OM crop is on) the segmentation table of a method."""
-    inputs = get_method_inputs(wildcards.method)
-    if uses_glomerulus_crops(wildcards.method):
-        cohort = config["methods"][wildcards.method]["cohort"]
-        inputs["glomeruli"] = f"results/{cohort}/masks/glomerulus/glomeruli.tsv"
-    return inputs
-
-
-def get_cmus_crop_argument(wildcards, input):
-    """`--glomeruli FILE` when the OM crop is on."""
-    return f"--glomeruli {input.glomeruli}" if "glomeruli" in input.keys() else ""
-
-
-def get_cmus_vote_members(wildcards):
-    """The member variants' predictions of a late-vote variant on one fold, in order."""
-    members = config["methods"][wildcards.method]["variants"][wildcards.variant][
-        "members"
-    ]
+def methods_of_family(family):
+    """The configured methods of a family, in config order."""
     return [
-        f"results/{wildcards.method}/{member}/fold_{wildcards.fold}/predictions.tsv"
-        for member in members
+        m for m, settings in config["methods"].items() if settings["family"] == family
     ]
+
+
+def variants_where(methods, condition):
+    """A wildcard constraint matching the variants of ``methods`` whose settings satisfy
+    ``condition``."""
+    return alternatives_regex(
+        {
+            name
+            for method in methods
+            for name, spec in config["methods"][method]["variants"].items()
+            if condition(spec)
+        }
+    )
+
+
+#: Final targets that method rule files add beside each method's fold_all, tables, figures.
+EXTRA_FINAL_OUTPUTS = []
 
 
 def get_cohort_source(wildcards):
@@ -204,7 +167,7 @@ def get_method_inputs(method):
 def cohort_patch_stores(cohort):
     """Every WSI of a cohort's manifest as a patch store (the manifest is a checkpoint)."""
     manifest_path = checkpoints.manifest.get(cohort=cohort).output.manifest
-    manifest = pd.read_csv(manifest_path, sep="\t", dtype=str, keep_default_na=False)
+    manifest = read_tsv(manifest_path, all_strings=True)
     slides = manifest.loc[manifest["modality"] == "WSI", "image_id"]
     return [f"results/{cohort}/patches/{slide}.zarr" for slide in sorted(slides)]
 
@@ -255,13 +218,10 @@ def get_method_feature_stores(wildcards):
 
 
 def get_final_outputs():
-    """Final targets: each configured method's fold_all.tsv, tables and figures, and CS-MIL's
-    toy benchmark table when both toy methods are configured."""
-    targets = [
+    """Final targets: each configured method's fold_all.tsv, tables and figures, and what the
+    method rule files add (EXTRA_FINAL_OUTPUTS)."""
+    return [
         f"results/{method}/{name}"
         for method in config["methods"]
         for name in ("fold_all.tsv", "tables", "figures")
-    ]
-    if {"csmil_micro", "csmil_macro"} <= set(config["methods"]):
-        targets.append("results/csmil_toy/table5.md")
-    return targets
+    ] + EXTRA_FINAL_OUTPUTS

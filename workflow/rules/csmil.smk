@@ -1,4 +1,11 @@
-# CS-MIL: per-split training of every variant on a cohort's features, then its tables.
+# CS-MIL: per-split training of every variant on a cohort's features, its figures, and the
+# toy benchmark's Table 5 when both toy methods are configured.
+
+CSMIL_METHODS = methods_of_family("csmil")
+CSMIL_METHODS_REGEX = alternatives_regex(CSMIL_METHODS)
+TOY_METHODS = {"micro": "csmil_micro", "macro": "csmil_macro"}
+if set(TOY_METHODS.values()) <= set(CSMIL_METHODS):
+    EXTRA_FINAL_OUTPUTS.append("results/csmil_toy/table5.md")
 
 
 rule csmil_train_fold:
@@ -31,67 +38,12 @@ rule csmil_train_fold:
         gpu=lambda wildcards: config["methods"][wildcards.method]["resources"]["gpu"],
     params:
         out_dir=subpath(output.predictions, parent=True),
-        settings=lambda wildcards: settings_json_of_csmil(wildcards.method),
+        settings=lambda wildcards: settings_json_of_method(wildcards.method),
     shell:
-        "OMP_NUM_THREADS={threads} python -m mmdiag csmil-train --method {wildcards.method}"
+        "OMP_NUM_THREADS={threads} python -m mmdiag csmil train --method {wildcards.method}"
         " --variant {wildcards.variant} --fold {wildcards.fold} --manifest {input.manifest}"
         " --splits {input.splits} --clusters {input.clusters} {input.features}"
         " --out-dir {params.out_dir} --settings-json {params.settings:q} > {log} 2>&1"
-
-
-rule csmil_fold_all:
-    input:
-        metrics=lambda wildcards: get_method_fold_files(wildcards.method, "metrics.tsv"),
-    output:
-        fold_all="results/{method}/fold_all.tsv",
-    log:
-        "logs/csmil_fold_all/{method}.log",
-    wildcard_constraints:
-        method=CSMIL_METHODS_REGEX,
-    conda:
-        "../../envs/mmdiag.yaml"
-    threads: 1
-    resources:
-        mem_mb=500,
-        runtime=5,
-        gpu=0,
-    shell:
-        "python -m mmdiag aggregate {input.metrics} --out {output.fold_all} > {log} 2>&1"
-
-
-rule csmil_tables:
-    input:
-        fold_all="results/{method}/fold_all.tsv",
-        predictions=lambda wildcards: get_method_fold_files(
-            wildcards.method, "predictions.tsv"
-        ),
-    output:
-        summary="results/{method}/summary.tsv",
-        stats="results/{method}/stats.tsv",
-        tables=report(
-            directory("results/{method}/tables"),
-            patterns=["{name}.md"],
-            caption="../report/csmil_table.rst",
-            category="CS-MIL",
-        ),
-    log:
-        "logs/csmil_tables/{method}.log",
-    wildcard_constraints:
-        method=CSMIL_METHODS_REGEX,
-    conda:
-        "../../envs/mmdiag.yaml"
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-        gpu=0,
-    params:
-        out=subpath(output.summary, parent=True),
-        settings=lambda wildcards: settings_json_of_csmil(wildcards.method),
-    shell:
-        "python -m mmdiag tables --method {wildcards.method} --fold-all {input.fold_all}"
-        " --out-dir {params.out} --settings-json {params.settings:q} {input.predictions}"
-        " > {log} 2>&1"
 
 
 rule csmil_figures:
@@ -119,17 +71,17 @@ rule csmil_figures:
         gpu=0,
     params:
         results=subpath(input.fold_all, parent=True),
-        settings=lambda wildcards: settings_json_of_csmil(wildcards.method),
+        settings=lambda wildcards: settings_json_of_method(wildcards.method),
     shell:
-        "python -m mmdiag csmil-figures --method {wildcards.method} --results {params.results}"
+        "python -m mmdiag csmil figures --method {wildcards.method} --results {params.results}"
         " --manifest {input.manifest} --features {input.features}"
         " --out-dir {output.figures} --settings-json {params.settings:q} > {log} 2>&1"
 
 
 rule csmil_toy_table:
     input:
-        micro="results/csmil_micro/fold_all.tsv",
-        macro="results/csmil_macro/fold_all.tsv",
+        micro=f"results/{TOY_METHODS['micro']}/fold_all.tsv",
+        macro=f"results/{TOY_METHODS['macro']}/fold_all.tsv",
     output:
         table=report(
             "results/csmil_toy/table5.md",
@@ -149,8 +101,9 @@ rule csmil_toy_table:
         gpu=0,
     params:
         out=subpath(output.table, parent=True),
-        settings=lambda wildcards: settings_json_of_csmil("csmil_micro"),
+        method=TOY_METHODS["micro"],
+        settings=lambda wildcards: settings_json_of_method(TOY_METHODS["micro"]),
     shell:
-        "python -m mmdiag csmil-toy-table --micro {input.micro} --macro {input.macro}"
-        " --method csmil_micro --out-dir {params.out} --settings-json {params.settings:q}"
+        "python -m mmdiag csmil toy-table --micro {input.micro} --macro {input.macro}"
+        " --method {params.method} --out-dir {params.out} --settings-json {params.settings:q}"
         " > {log} 2>&1"

@@ -13,6 +13,7 @@ from mmdiag.data.manifest import (
 from mmdiag.data.splits import (
     holdout_split,
     kfold_splits,
+    load_fold,
     load_splits,
     make_splits,
     repeated_splits,
@@ -30,6 +31,7 @@ __all__ = [
     "holdout_split",
     "image_stem",
     "kfold_splits",
+    "load_fold",
     "load_splits",
     "make_splits",
     "read_image_size",

@@ -52,6 +52,7 @@ import pandas as pd
 
 from mmdiag.data.images import ImageReadError, image_stem, read_image_size
 from mmdiag.io.atomic import sha256_file, write_tsv
+from mmdiag.io.tables import read_tsv
 
 __all__ = [
     "CLINICAL_COLUMNS",
@@ -114,6 +115,16 @@ class ManifestRules:
     stages: tuple[str, ...] = ()
     required_modalities: tuple[str, ...] = ()
     min_image_px: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, rules: Mapping) -> ManifestRules:
+        """From a ``manifest`` section of the config (with a cohort's overrides applied)."""
+        return cls(
+            classes=tuple(rules["classes"]),
+            stages=tuple(rules["stages"]),
+            required_modalities=tuple(rules["required_modalities"]),
+            min_image_px=dict(rules["min_image_px"]),
+        )
 
 
 class ManifestError(ValueError):
@@ -207,8 +218,8 @@ def _read_table(path: Path, what: str, required: Iterable[str]) -> pd.DataFrame:
     if not path.is_file():
         raise ManifestError(f"{path}: {what} table not found")
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        table = read_tsv(path, all_strings=True)
+    except (OSError, ValueError) as exc:
         raise ManifestError(f"{path}: {what} table cannot be read as TSV ({exc})") from exc
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in required if c not in table.columns]

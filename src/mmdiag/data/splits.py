@@ -278,6 +278,17 @@ def load_splits(path: str | os.PathLike) -> dict:
     return splits
 
 
+def load_fold(path: str | os.PathLike, fold: int) -> dict:
+    """One fold (``{"fold", "train", "val", "test"}``) of a splits file; ``ValueError``
+    naming the file and the folds it has when ``fold`` is not among them."""
+    splits = load_splits(path)
+    for entry in splits["folds"]:
+        if entry["fold"] == fold:
+            return entry
+    available = [entry["fold"] for entry in splits["folds"]]
+    raise ValueError(f"{path}: no fold {fold}; folds available: {available}")
+
+
 # --------------------------------------------------------------------------- private helpers
 
 

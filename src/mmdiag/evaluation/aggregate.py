@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmdiag.io import read_tsv
+
 FOLD_ALL_COLUMNS = ["method", "variant", "fold", "metric", "value"]
 
 
@@ -18,7 +20,7 @@ def aggregate_fold_metrics(metric_files: Iterable[str | Path]) -> pd.DataFrame:
     """
     frames = []
     for path in metric_files:
-        frame = pd.read_csv(path, sep="\t")
+        frame = read_tsv(path)
         missing = set(FOLD_ALL_COLUMNS) - set(frame.columns)
         if missing:
             raise ValueError(f"{path}: missing columns {sorted(missing)}")

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, SequentialSampler
 
 import mmdiag
+from mmdiag.data.manifest import read_manifest
 from mmdiag.features.store import write_feature_store
 from mmdiag.io.atomic import atomic_path, sha256_file
 from mmdiag.models.encoders import create_encoder
@@ -46,6 +47,43 @@ class ExtractSettings:
     device: str = "auto"
     mean: tuple[float, float, float] = AugmentSettings.mean
     std: tuple[float, float, float] = AugmentSettings.std
+
+    @classmethod
+    def from_config(cls, features: Mapping, ssl: Mapping) -> ExtractSettings:
+        """From the ``features`` section; the encoder and its normalisation from ``ssl``."""
+        fields = ("image_px", "batch_size", "workers", "amp", "channels_last", "device")
+        return cls(
+            backbone=ssl["backbone"],
+            mean=tuple(ssl["augment"]["mean"]),
+            std=tuple(ssl["augment"]["std"]),
+            **{name: features[name] for name in fields},
+        )
+
+
+def slide_ids_of_stores(store_paths: Sequence[str | Path], manifest_path: Path) -> list[str]:
+    """The manifest ``image_id`` of each patch store's slide (matched by resolved path).
+
+    ``ValueError`` naming the store whose slide the manifest lacks, or the slides that
+    several stores belong to.
+    """
+    manifest = read_manifest(manifest_path)
+    image_of_path = {
+        str(Path(p).resolve()): i
+        for p, i in zip(manifest["path"], manifest["image_id"], strict=True)
+    }
+    image_ids = []
+    for store in store_paths:
+        try:
+            slide = open_patch_store(store).attrs["slide_path"]
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"patch store {store}: {error}") from error
+        if slide not in image_of_path:
+            raise ValueError(f"patch store {store}: its slide {slide} is not in {manifest_path}")
+        image_ids.append(image_of_path[slide])
+    duplicated = sorted({i for i in image_ids if image_ids.count(i) > 1})
+    if duplicated:
+        raise ValueError(f"several patch stores belong to the slide(s) {duplicated}")
+    return image_ids
 
 
 def load_encoder(

@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 from sklearn.cluster import KMeans
 
-from mmdiag.features.store import FeatureStore, open_feature_store
+from mmdiag.data.manifest import read_manifest
+from mmdiag.features.store import FeatureStore, feature_store_paths, open_feature_store
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,18 @@ def cluster_patients(
     ]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     return table.reindex(columns=CLUSTER_COLUMNS + [f"cluster_{s}" for s in scales])
+
+
+def cluster_cohort(
+    feature_paths: Sequence[str | Path], manifest_path: Path, *, n_clusters: int, seed: int
+) -> pd.DataFrame:
+    """:func:`cluster_patients` for the feature stores (or folders of them) of a cohort,
+    patients taken from its manifest."""
+    manifest = read_manifest(manifest_path)
+    patient_of_image = dict(zip(manifest["image_id"], manifest["patient_id"], strict=True))
+    return cluster_patients(
+        feature_store_paths(feature_paths), patient_of_image, n_clusters=n_clusters, seed=seed
+    )
 
 
 def _cluster_one_patient(patient, slides, n_clusters, seed, scale) -> pd.DataFrame:

@@ -14,6 +14,7 @@ Rows are in the patch store's order. The store is written under a temporary name
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,3 +85,19 @@ def open_feature_store(path: str | os.PathLike) -> FeatureStore:
         centre_xy=np.asarray(group["centre_xy"][...]),
         attrs=attrs,
     )
+
+
+def feature_store_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Feature stores given directly (``*.zarr``) or as folders holding them (searched);
+    ``ValueError`` naming a path that is neither, or when none is found."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.suffix == ".zarr":
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(path.rglob("*.zarr")))
+        else:
+            raise ValueError(f"{path}: neither a feature store (.zarr) nor a folder of them")
+    if not found:
+        raise ValueError(f"no feature stores in {[str(p) for p in paths]}")
+    return found

@@ -19,6 +19,9 @@ from typing import Any
 import pandas as pd
 import yaml
 
+#: Files whose bytes a folder's fingerprint includes (see :func:`sha256_path`).
+METADATA_SUFFIXES = frozenset({".json", ".tsv", ".yaml"})
+
 
 @contextlib.contextmanager
 def atomic_path(final_path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
@@ -69,6 +72,27 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_path(path: str | os.PathLike) -> str:
+    """Checksum of an input file, or a fingerprint of an input folder (a zarr store...).
+
+    A file's is the SHA-256 of its bytes. A folder's covers, for every file below it, its
+    relative path and size, plus the bytes of its metadata documents (``*.json``, ``*.tsv``,
+    ``*.yaml``): a zarr store's attributes (its inputs' checksums, the complete mark) and
+    array shapes, without reading chunk data, which for a cohort's stores can be hundreds of
+    gigabytes.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path).as_posix()
+        digest.update(f"{relative}\0{file.stat().st_size}\0".encode())
+        if file.suffix in METADATA_SUFFIXES:
+            digest.update(sha256_file(file).encode())
     return digest.hexdigest()
 
 

@@ -1,9 +1,18 @@
-"""Models: a small registry of the methods' networks, built from timm encoders."""
+"""Models: a small registry of the methods' networks, built from timm encoders.
 
-from mmdiag.models.registry import create_model, list_models, register_model
+Every module here except the registry and the shared encoders is a method's model file; each
+is imported once so that its constructors register themselves.
+"""
 
-# Importing the model modules registers their constructors.
-from mmdiag.models import cmus as _cmus  # noqa: E402, F401  isort: skip
-from mmdiag.models import csmil as _csmil  # noqa: E402, F401  isort: skip
+import importlib
+import pkgutil
 
-__all__ = ["create_model", "list_models", "register_model"]
+from mmdiag.models.registry import create_model, list_models, register_model, registered_model
+
+_SHARED_MODULES = {"registry", "encoders"}
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _SHARED_MODULES:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["create_model", "list_models", "register_model", "registered_model"]

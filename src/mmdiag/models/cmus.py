@@ -2,13 +2,14 @@
 
 Paper: K. Long et al., "Cross-modal ultra-scale learning with tri-modalities of renal biopsy
 images for glomerular multi-disease auxiliary diagnosis", Medical Image Analysis, 2025.
-Authors' code: https://github.com/SMU-GL-Group/MultiModal_lkx (branch ``Classification``).
+Authors' code: https://github.com/SMU-GL-Group/MultiModal_lkx (branch ``Classification``,
+commit 8ba0d37).
 
 A batch holds, for B patients, one OM image and one IM image each and a variable-size bag of
 TEM images: ``om`` (B, 3, H, W), ``im`` (B, 3, H, W), ``tem`` (N, 3, H, W) and
 ``tem_patient`` (N,), the index in 0..B-1 of the patient each TEM image belongs to.
 
-Deliberate departures from the authors' public code (see ``CODE_NOTES.md``): four real heads
+Deliberate departures from the authors' public code (MultiModal_lkx@8ba0d37): four real heads
 of d/4 channels in CMSA (the public code has one head and a reshape that mixes tokens and
 channels); SMIL weights are computed after the outlier cut, so they never divide by zero or
 turn NaN; logits are not passed through a ReLU; AUC uses softmax probabilities.
@@ -375,13 +376,31 @@ class CMUSConcat(nn.Module):
         return self.forward_head(self.forward_features(batch))
 
 
-@register_model
+# --------------------------------------------------------------------------- constructors
+
+
+def tiny_example(
+    n_patients: int = 2, tem_counts: Sequence[int] = (2, 3), size_px: int = 32
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A tiny CMUS model's arguments and a batch of ``n_patients`` (for the registry test)."""
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "om": torch.randn(n_patients, 3, size_px, size_px, generator=generator),
+        "im": torch.randn(n_patients, 3, size_px, size_px, generator=generator),
+        "tem": torch.randn(sum(tem_counts), 3, size_px, size_px, generator=generator),
+        "tem_patient": torch.repeat_interleave(torch.arange(n_patients), torch.tensor(tem_counts)),
+        "label": torch.arange(n_patients) % 3,
+    }
+    return {"num_classes": 3, "encoder": "test_convnext", "hidden_dim": 16}, batch
+
+
+@register_model(family="cmus", example=tiny_example)
 def cmus_net(num_classes: int = 3, **kwargs) -> CMUSNet:
     """CMUS-Net (SMIL + CMSA + weighted loss by default; every part switchable)."""
     return CMUSNet(num_classes, **kwargs)
 
 
-@register_model
+@register_model(family="cmus", example=tiny_example)
 def cmus_concat(num_classes: int = 3, **kwargs) -> CMUSConcat:
     """Concatenation baseline of Table 5 with any timm encoder."""
     return CMUSConcat(num_classes, **kwargs)

@@ -3,7 +3,7 @@
 Paper: R. Deng et al., "Cross-scale Multi-instance Learning for Pathological Image Diagnosis",
 2024 (journal extension of the MMMI 2022 workshop paper "Cross-scale attention guided
 multi-instance learning for Crohn's disease diagnosis with pathological images").
-Authors' code: https://github.com/hrlblab/CS-MIL
+Authors' code: https://github.com/hrlblab/CS-MIL (commit e052cec)
 
 Baselines of Table 1, each with its own public code or paper:
 DeepAttnMISL (J. Yao et al., Medical Image Analysis 2020; https://github.com/uta-smile/DeepAttnMISL),
@@ -18,8 +18,8 @@ F_s of one location at S scales ordered finest first (20x, 10x, 5x; eq. 1), D wi
 its sigmoid. Padded instances are zeroed on entry and get exactly zero attention, so whatever
 they hold never reaches the output.
 
-Deliberate departures and choices (see ``CODE_NOTES.md``):
-- Instance pooling is gated attention by default (``gated=True``), as the project's issue asks.
+Deliberate departures and choices (against hrlblab/CS-MIL@e052cec):
+- Instance pooling is gated attention by default (``gated=True``).
   The authors' code and DeepAttnMISL's code pool with the ungated form a = w^T tanh(V h); with
   ``gated=False`` the parameter counts equal the paper's Table 6 exactly (D = 2048: 135,362 for
   DeepAttnMISL and MS-DA-MIL, 137,475 for CS-MIL).
@@ -415,21 +415,34 @@ class DSMIL(nn.Module):
 # --------------------------------------------------------------------------- constructors
 
 
-@register_model
+def tiny_example(n_bags: int = 3, n_instances: int = 5, in_dim: int = 16):
+    """A small MIL model's arguments and a padded batch of bags (for the registry test)."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(n_bags, n_instances, dtype=torch.bool)
+    mask[0, 3:] = False  # padded instances
+    batch = {
+        "features": torch.randn(n_bags, n_instances, len(SCALE_NAMES), in_dim, generator=generator),
+        "mask": mask,
+        "label": (torch.arange(n_bags) % 2).float(),
+    }
+    return {"in_dim": in_dim}, batch
+
+
+@register_model(family="csmil", example=tiny_example)
 def csmil(in_dim: int = 2048, **kwargs) -> CrossScaleMIL:
     """CS-MIL; options ``shared_encoder``, ``scale_activation``, ``scale_softmax``, ``fusion``,
     ``gated``, ``num_scales``, ``embed_dim``, ``attention_dim``, ``hidden_dim``, ``dropout``."""
     return CrossScaleMIL(in_dim, **kwargs)
 
 
-@register_model
+@register_model(family="csmil", example=tiny_example)
 def deepattnmisl(in_dim: int = 2048, **kwargs) -> AttentionMIL:
     """DeepAttnMISL on one scale (``scale_index``, default 0 = 20x) or, with
     ``scale_input="instances"``, on every scale's features as independent instances."""
     return AttentionMIL(in_dim, **kwargs)
 
 
-@register_model
+@register_model(family="csmil", example=tiny_example)
 def gated_attention(in_dim: int = 2048, **kwargs) -> AttentionMIL:
     """Gated attention MIL (Ilse et al. 2018): embedding L = 500, attention width 128, a linear
     classifier, on every scale's features as independent instances by default."""
@@ -439,14 +452,14 @@ def gated_attention(in_dim: int = 2048, **kwargs) -> AttentionMIL:
     return AttentionMIL(in_dim, **(options | kwargs))
 
 
-@register_model
+@register_model(family="csmil", example=tiny_example)
 def ms_da_mil(in_dim: int = 2048, **kwargs) -> AttentionMIL:
     """MS-DA-MIL as Table 1 runs it: one location's features added across scales, then
     DeepAttnMISL."""
     return AttentionMIL(in_dim, **({"scale_input": "sum"} | kwargs))
 
 
-@register_model
+@register_model(family="csmil", example=tiny_example)
 def ds_mil(in_dim: int = 2048, **kwargs) -> DSMIL:
     """DS-MIL on the features of one location concatenated across scales."""
     return DSMIL(in_dim, **kwargs)

@@ -13,7 +13,8 @@ from mmdiag.patching.tiling import (
     sample_fixed,
     scale_name,
 )
-from mmdiag.patching.tissue import otsu_threshold, tissue_mask, write_mask_png, write_tissue_qc
+from mmdiag.patching.tissue import tissue_mask, write_mask_png, write_tissue_qc
+from mmdiag.segment.threshold import otsu_threshold
 
 __all__ = [
     "PatchDataset",

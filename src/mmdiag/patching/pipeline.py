@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import mmdiag
+from mmdiag.data.manifest import read_manifest
 from mmdiag.io import sha256_file
 from mmdiag.patching.engine import extract_patches_multiscale
 from mmdiag.patching.slide import Slide
@@ -108,6 +109,35 @@ def patch_slide(
         "mpp_source": info.mpp_source,
         "seconds": round(seconds, 3),
     }
+
+
+def patch_manifest_slide(
+    manifest_path: Path,
+    image_id: str,
+    settings: Mapping,
+    *,
+    store_path: Path,
+    mask_path: Path,
+    qc_path: Path,
+) -> dict:
+    """:func:`patch_slide` for the manifest row ``image_id`` (its path and per-slide µm/px).
+
+    Raises ``ValueError`` naming the manifest when it has no single row of that id.
+    """
+    manifest = read_manifest(manifest_path)
+    rows = manifest[manifest["image_id"] == image_id]
+    if len(rows) != 1:
+        raise ValueError(f"{manifest_path}: no single row with image_id {image_id!r}")
+    row = rows.iloc[0]
+    mpp = row.get("mpp") if "mpp" in rows.columns else None
+    return patch_slide(
+        Path(row["path"]),
+        settings,
+        store_path=store_path,
+        mask_path=mask_path,
+        qc_path=qc_path,
+        mpp_override=float(mpp) if mpp is not None and mpp == mpp else None,
+    )
 
 
 def _thumbnail_boxes(grid, base_name: str, scale: float) -> list[tuple[int, int, int, int]]:

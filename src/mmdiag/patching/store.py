@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,3 +164,21 @@ def open_patch_store(path: str | os.PathLike) -> PatchStore:
     data["centre_y"] = data[f"y_{base}"] + data[f"size_{base}"] // 2
     data["tissue_fraction"] = np.asarray(group["tissue_fraction"][...])
     return PatchStore(path=path, group=group, attrs=attrs, scales=scales, grid=pd.DataFrame(data))
+
+
+def patch_index_table(store_paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """One row per patch store of a cohort: slide, patch count and µm/px (each checked
+    complete; ``ValueError`` naming a store that is not)."""
+    rows = []
+    for path in store_paths:
+        store = open_patch_store(path)
+        rows.append(
+            {
+                "store": str(path),
+                "slide_path": store.attrs["slide_path"],
+                "n_patches": len(store.grid),
+                "mpp": store.attrs["mpp"],
+                "mpp_source": store.attrs["mpp_source"],
+            }
+        )
+    return pd.DataFrame(rows, columns=["store", "slide_path", "n_patches", "mpp", "mpp_source"])

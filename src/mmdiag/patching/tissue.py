@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from mmdiag.io.atomic import atomic_path
+from mmdiag.segment.threshold import otsu_threshold
 
 
 def saturation_u8(rgb: np.ndarray) -> np.ndarray:
@@ -24,28 +25,6 @@ def saturation_u8(rgb: np.ndarray) -> np.ndarray:
     low = rgb.min(axis=2).astype(np.float32)
     saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
     return np.rint(255.0 * saturation).astype(np.uint8)
-
-
-def otsu_threshold(values: np.ndarray) -> int:
-    """Otsu's threshold of uint8 ``values``: the t maximising between-class variance.
-
-    Notes
-    -----
-    Pixels ``> t`` form the foreground. With class weights w0(t), w1(t) and means m0, m1,
-    the between-class variance is ``w0 * w1 * (m0 - m1)**2`` (Otsu, IEEE SMC 1979).
-    """
-    hist = np.bincount(np.asarray(values, np.uint8).ravel(), minlength=256).astype(np.float64)
-    total = hist.sum()
-    if total == 0:
-        return 0
-    levels = np.arange(256, dtype=np.float64)
-    weight0 = np.cumsum(hist)
-    weight1 = total - weight0
-    sum0 = np.cumsum(hist * levels)
-    mean0 = np.divide(sum0, weight0, out=np.zeros(256), where=weight0 > 0)
-    mean1 = np.divide(sum0[-1] - sum0, weight1, out=np.zeros(256), where=weight1 > 0)
-    between = weight0 * weight1 * (mean0 - mean1) ** 2
-    return int(np.argmax(between))
 
 
 def _remove_small(mask: np.ndarray, min_px: int) -> np.ndarray:
@@ -100,7 +79,7 @@ def tissue_mask(
     if median_px > 1:
         saturation = ndimage.median_filter(saturation, size=int(median_px), mode="nearest")
     if saturation_threshold is None:
-        threshold = max(otsu_threshold(saturation), min_otsu_threshold)
+        threshold = max(otsu_threshold(saturation, integer_levels=True), min_otsu_threshold)
     else:
         threshold = saturation_threshold
     mask = saturation > threshold

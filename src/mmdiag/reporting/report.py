@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmdiag.io import atomic_path, write_tsv
+from mmdiag.io import atomic_path, read_tsv, write_tsv
 from mmdiag.reporting.compare import FOLD_TESTS, STATS_COLUMNS, compare_to_reference
 from mmdiag.reporting.tables import render_latex, render_markdown, summarise_folds
 
@@ -23,11 +23,6 @@ DEFAULT_TABLE = {
     "digits": 2,
     "labels": {},
 }
-
-
-def read_tsv_exact(path: str | Path) -> pd.DataFrame:
-    """Read a TSV; pandas >= 3 parses 17-digit floats back to the exact doubles written."""
-    return pd.read_csv(path, sep="\t")
 
 
 def method_tables(method_settings: Mapping) -> dict[str, dict]:
@@ -51,14 +46,14 @@ def write_method_tables(
     out_dir: Path,
 ) -> list[Path]:
     """Summarise, compare each table's rows with its reference and render; return the paths."""
-    fold_all = read_tsv_exact(fold_all_path)
+    fold_all = read_tsv(fold_all_path)
     stats_settings = method_settings["stats"]
     tests = list(stats_settings["tests"])
     predictions = None
     if set(tests) - set(FOLD_TESTS):
         if not prediction_paths:
             raise ValueError(f"tests {tests} need the variants' predictions.tsv files")
-        predictions = pd.concat([read_tsv_exact(p) for p in prediction_paths], ignore_index=True)
+        predictions = pd.concat([read_tsv(p) for p in prediction_paths], ignore_index=True)
     summary = summarise_folds(fold_all)
     out_dir = Path(out_dir)
     paths = table_paths(out_dir, method_settings)

@@ -1,12 +1,13 @@
 """Glomerulus segmentation of OM images (CMUS-Net's semi-automatic SAM step).
 
-- :mod:`mmdiag.segment.glomerulus`: training-free classical detector, Otsu threshold.
+- :mod:`mmdiag.segment.glomerulus`: training-free classical detector.
+- :mod:`mmdiag.segment.threshold`: Otsu's threshold (also used for tissue detection).
 - :mod:`mmdiag.segment.sam`: prompts (TSV format documented there), SAM loading and masks.
 - :mod:`mmdiag.segment.cohort`: :func:`segment_cohort`, the stage function.
 """
 
 from mmdiag.segment.cohort import SEGMENTATION_COLUMNS, crop_box, segment_cohort
-from mmdiag.segment.glomerulus import detect_glomerulus, mask_to_box, otsu_threshold
+from mmdiag.segment.glomerulus import detect_glomerulus, mask_to_box
 from mmdiag.segment.sam import (
     SAM_MODEL_TYPES,
     Prompt,
@@ -15,6 +16,7 @@ from mmdiag.segment.sam import (
     read_prompts,
     sam_mask,
 )
+from mmdiag.segment.threshold import otsu_threshold
 
 __all__ = [
     "SAM_MODEL_TYPES",

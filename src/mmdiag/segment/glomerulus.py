@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from mmdiag.segment.threshold import otsu_threshold
+
 __all__ = ["detect_glomerulus", "mask_to_box", "otsu_threshold", "stain_map"]
 
 #: Gaussian blur sigma as a fraction of the image's shorter side: wide enough to merge the
@@ -33,59 +35,6 @@ MORPH_RADIUS_FRACTION = 0.02
 OPEN_RADIUS_FRACTION = 0.08
 #: Added before the log in step 3, so a uniform background does not give log(0).
 LOG_OFFSET = 1e-3
-OTSU_BINS = 256
-
-
-def otsu_threshold(values: np.ndarray, *, bins: int = OTSU_BINS) -> float:
-    """Return the Otsu threshold of ``values``: the cut maximising between-class variance.
-
-    Parameters
-    ----------
-    values
-        Any numeric array; non-finite values are ignored.
-    bins
-        Number of histogram bins between the smallest and the largest value.
-
-    Returns
-    -------
-    float
-        Threshold ``t``; the foreground class is ``values > t``.
-
-    Notes
-    -----
-    With class weights :math:`\\omega_0(t), \\omega_1(t)` and means :math:`\\mu_0(t),
-    \\mu_1(t)` from the histogram, :math:`t^* = \\arg\\max_t \\omega_0\\omega_1
-    (\\mu_0 - \\mu_1)^2`.
-
-    References
-    ----------
-    N. Otsu, "A threshold selection method from gray-level histograms", IEEE Trans. Syst.
-    Man Cybern. 9(1), 1979.
-
-    Examples
-    --------
-    >>> t = otsu_threshold(np.array([1.0, 1.1, 0.9, 5.0, 5.2, 4.8]))
-    >>> bool(1.1 < t < 4.8)
-    True
-    """
-    if bins < 2:
-        raise ValueError(f"bins must be at least 2, got {bins!r}")
-    finite = np.asarray(values, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if finite.size == 0:
-        raise ValueError("values holds no finite number")
-    low, high = float(finite.min()), float(finite.max())
-    if low == high:
-        return low
-    counts, edges = np.histogram(finite, bins=bins, range=(low, high))
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(counts)[:-1]  # class 0 = bins 0..k, for every cut k
-    weight_high = finite.size - weight_low
-    mass_low = np.cumsum(counts * centres)[:-1]
-    mean_low = mass_low / np.maximum(weight_low, 1)
-    mean_high = (mass_low[-1] + counts[-1] * centres[-1] - mass_low) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(edges[1:][int(np.argmax(between))])
 
 
 def stain_map(rgb: np.ndarray) -> np.ndarray:
@@ -178,7 +127,8 @@ def detect_glomerulus(
     deviation = np.abs(stain - np.median(stain[region]))
     blurred = ndimage.gaussian_filter(deviation, BLUR_SIGMA_FRACTION * short_side)
     log_blurred = np.log(blurred + LOG_OFFSET)
-    foreground = (log_blurred > otsu_threshold(log_blurred[region])) & region
+    threshold = otsu_threshold(log_blurred[region], integer_levels=False)
+    foreground = (log_blurred > threshold) & region
     close_px = max(1.0, MORPH_RADIUS_FRACTION * short_side)
     open_px = max(1.0, OPEN_RADIUS_FRACTION * short_side)
     # Pad so that closing does not glue structures to the image border.

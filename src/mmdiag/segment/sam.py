@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+from mmdiag.io.tables import read_tsv
 
 if TYPE_CHECKING:
     from segment_anything import SamPredictor
@@ -171,8 +172,8 @@ def read_prompts(
     if not path.is_file():
         raise FileNotFoundError(f"prompts TSV {path} does not exist")
     try:
-        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        table = read_tsv(path, all_strings=True)
+    except ValueError as error:
         raise ValueError(f"prompts TSV {path} cannot be read as a TSV: {error}") from error
     table.columns = [str(name).strip() for name in table.columns]
     has_box = any(name in table.columns for name in PROMPT_BOX_COLUMNS)

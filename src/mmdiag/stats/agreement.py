@@ -7,10 +7,11 @@ default weights, checked against psych 2.2 and scikit-learn in ``tests/test_stat
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 
 import numpy as np
+
+from mmdiag.stats._validation import as_grades, check_integer, check_same_length
 
 __all__ = ["quadratic_weighted_kappa"]
 
@@ -56,40 +57,11 @@ def quadratic_weighted_kappa(a, b, *, n_classes) -> float:
     >>> round(quadratic_weighted_kappa([0, 1, 2, 2, 1, 0], [0, 1, 1, 2, 2, 0], n_classes=4), 6)
     0.75
     """
-    try:
-        n_classes = operator.index(n_classes)
-    except TypeError:
-        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}") from None
-    if isinstance(n_classes, bool) or n_classes < 2:
-        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}")
-    a = _as_grades(a, "a", n_classes)
-    b = _as_grades(b, "b", n_classes)
-    if len(a) != len(b):
-        raise ValueError(f"lengths differ: {{'a': {len(a)}, 'b': {len(b)}}}")
-    if len(a) < 2:
-        raise ValueError(f"need at least 2 pairs, got {len(a)}")
+    n_classes = check_integer(n_classes, "n_classes", minimum=2)
+    a = as_grades(a, "a", n_classes)
+    b = as_grades(b, "b", n_classes)
+    check_same_length({"a": a, "b": b})
     return _quadratic_weighted_kappa(a, b, n_classes)
-
-
-def _as_grades(values, name: str, n_classes: int) -> np.ndarray:
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
-    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{name} must hold integer grades, got dtype {array.dtype}")
-    if array.dtype.kind == "f":
-        bad = ~np.isfinite(array) | (array != np.round(array))
-        if bad.any():
-            index = np.flatnonzero(bad)[0]
-            raise ValueError(f"{name} must hold integer grades, got {array[index]} at {index}")
-    outside = (array < 0) | (array > n_classes - 1)
-    if outside.any():
-        index = np.flatnonzero(outside)[0]
-        raise ValueError(
-            f"{name} must lie in 0..{n_classes - 1} (n_classes={n_classes}), "
-            f"got {array[index]} at index {index}"
-        )
-    return array.astype(np.intp)
 
 
 def _quadratic_weighted_kappa(a: np.ndarray, b: np.ndarray, n_classes: int) -> float:

@@ -16,6 +16,15 @@ from functools import cache
 import numpy as np
 from scipy import special, stats
 
+from mmdiag.stats._validation import (
+    as_binary,
+    as_finite_float,
+    as_labels,
+    check_flag,
+    check_level,
+    check_same_length,
+)
+
 __all__ = [
     "McNemarResult",
     "PairedTTestResult",
@@ -63,62 +72,6 @@ class WilcoxonResult:
     statistic: float
     p_value: float
     exact: bool
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def _as_1d(values, name: str) -> np.ndarray:
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
-    return array
-
-
-def _check_same_length(**arrays: np.ndarray) -> int:
-    lengths = {name: len(array) for name, array in arrays.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"lengths differ: {lengths}")
-    n = next(iter(lengths.values()))
-    if n < 2:
-        raise ValueError(f"need at least 2 pairs, got {n}")
-    return n
-
-
-def _as_finite_float(values, name: str) -> np.ndarray:
-    array = _as_1d(values, name)
-    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
-    array = array.astype(np.float64)
-    bad = ~np.isfinite(array)
-    if bad.any():
-        raise ValueError(
-            f"{name} must be finite, got {array[bad][0]} at index {np.flatnonzero(bad)[0]}"
-        )
-    return array
-
-
-def _as_labels(values, name: str) -> np.ndarray:
-    array = _as_1d(values, name)
-    if array.dtype.kind == "f" and np.isnan(array).any():
-        raise ValueError(f"{name} contains NaN at index {np.flatnonzero(np.isnan(array))[0]}")
-    if array.dtype == object and any(v is None or v != v for v in array):
-        raise ValueError(f"{name} contains a missing value (None or NaN)")
-    return array
-
-
-def _as_correctness(values, name: str) -> np.ndarray:
-    array = _as_1d(values, name)
-    if array.dtype == bool:
-        return array
-    if not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{name} must be boolean or 0/1, got dtype {array.dtype}")
-    bad = ~np.isin(array, (0, 1))
-    if bad.any():
-        raise ValueError(
-            f"{name} must be boolean or 0/1, got {array[bad][0]} at index {np.flatnonzero(bad)[0]}"
-        )
-    return array.astype(bool)
 
 
 # --------------------------------------------------------------------------------- McNemar
@@ -177,12 +130,12 @@ def mcnemar_test(y_true, pred_a, pred_b, *, exact=True, correction=True) -> McNe
     >>> result.n10, result.n01, round(result.p_value, 6)
     (6, 0, 0.03125)
     """
-    y_true = _as_labels(y_true, "y_true")
-    pred_a = _as_labels(pred_a, "pred_a")
-    pred_b = _as_labels(pred_b, "pred_b")
-    _check_same_length(y_true=y_true, pred_a=pred_a, pred_b=pred_b)
-    _check_flag(exact, "exact")
-    _check_flag(correction, "correction")
+    y_true = as_labels(y_true, "y_true")
+    pred_a = as_labels(pred_a, "pred_a")
+    pred_b = as_labels(pred_b, "pred_b")
+    check_same_length({"y_true": y_true, "pred_a": pred_a, "pred_b": pred_b})
+    check_flag(exact, "exact")
+    check_flag(correction, "correction")
     return mcnemar_from_correctness(
         pred_a == y_true, pred_b == y_true, exact=exact, correction=correction
     )
@@ -207,21 +160,16 @@ def mcnemar_from_correctness(correct_a, correct_b, *, exact=True, correction=Tru
     >>> mcnemar_from_correctness([1, 1, 1, 0], [0, 1, 0, 1], exact=False).statistic
     0.0
     """
-    correct_a = _as_correctness(correct_a, "correct_a")
-    correct_b = _as_correctness(correct_b, "correct_b")
-    _check_same_length(correct_a=correct_a, correct_b=correct_b)
-    _check_flag(exact, "exact")
-    _check_flag(correction, "correction")
+    correct_a = as_binary(correct_a, "correct_a")
+    correct_b = as_binary(correct_b, "correct_b")
+    check_same_length({"correct_a": correct_a, "correct_b": correct_b})
+    check_flag(exact, "exact")
+    check_flag(correction, "correction")
     n10 = int(np.count_nonzero(correct_a & ~correct_b))
     n01 = int(np.count_nonzero(~correct_a & correct_b))
     if exact:
         return _mcnemar_exact(n10, n01)
     return _mcnemar_chi2(n10, n01, correction)
-
-
-def _check_flag(value, name: str) -> None:
-    if not isinstance(value, bool | np.bool_):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def _mcnemar_exact(n10: int, n01: int) -> McNemarResult:
@@ -313,20 +261,11 @@ def paired_ttest(a, b, *, level=0.95) -> PairedTTestResult:
     >>> result.df, round(result.mean_difference, 4), round(result.p_value, 4)
     (4, 0.028, 0.0447)
     """
-    a = _as_finite_float(a, "a")
-    b = _as_finite_float(b, "b")
-    _check_same_length(a=a, b=b)
-    _check_level(level)
-    return _paired_ttest(a - b, float(level))
-
-
-def _check_level(level) -> None:
-    if (
-        isinstance(level, bool)
-        or not isinstance(level, int | float | np.floating)
-        or not 0.0 < level < 1.0
-    ):
-        raise ValueError(f"level must be a number in (0, 1), got {level!r}")
+    a = as_finite_float(a, "a")
+    b = as_finite_float(b, "b")
+    check_same_length({"a": a, "b": b})
+    level = check_level(level)
+    return _paired_ttest(a - b, level)
 
 
 def _paired_ttest(d: np.ndarray, level: float) -> PairedTTestResult:
@@ -410,9 +349,9 @@ def wilcoxon_test(a, b) -> WilcoxonResult:
     >>> result.statistic, result.p_value, result.exact
     (12.0, 0.3125, True)
     """
-    a = _as_finite_float(a, "a")
-    b = _as_finite_float(b, "b")
-    _check_same_length(a=a, b=b)
+    a = as_finite_float(a, "a")
+    b = as_finite_float(b, "b")
+    check_same_length({"a": a, "b": b})
     return _wilcoxon(a - b)
 
 

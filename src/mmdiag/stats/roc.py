@@ -17,13 +17,22 @@ count one half.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import norm, rankdata
+
+from mmdiag.stats._validation import (
+    as_1d,
+    as_scores,
+    as_two_class_labels,
+    check_integer,
+    check_level,
+    check_seed,
+    describe,
+)
 
 __all__ = [
     "AUCInterval",
@@ -73,65 +82,6 @@ class BootstrapResult:
     ci_low: float
     ci_high: float
     n_boot: int
-
-
-# --------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------
-
-
-def _describe(value: object) -> str:
-    text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _check_binary_labels(y_true: object) -> np.ndarray:
-    """Return ``y_true`` as a bool array; raise unless it is 1-D, 0/1 or bool, both classes."""
-    y = np.asarray(y_true)
-    if y.ndim != 1:
-        raise ValueError(f"y_true must be 1-D, got shape {y.shape}")
-    if y.size == 0:
-        raise ValueError("y_true must not be empty, got 0 samples")
-    if y.dtype != bool:
-        if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
-            raise ValueError(f"y_true must hold 0/1 or bool labels, got dtype {y.dtype}")
-        values = np.unique(y)
-        if not np.all(np.isin(values, [0, 1])):
-            raise ValueError(f"y_true must hold 0/1 or bool labels, got values {_describe(values)}")
-        y = y == 1
-    n_pos = int(y.sum())
-    if n_pos == 0 or n_pos == y.size:
-        absent = 1 if n_pos == 0 else 0
-        raise ValueError(
-            f"y_true must hold both classes, class {absent} is absent ({y.size} samples)"
-        )
-    return y
-
-
-def _check_scores(score: object, name: str, n: int) -> np.ndarray:
-    s = np.asarray(score)
-    if s.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {s.shape}")
-    if s.shape[0] != n:
-        raise ValueError(f"{name} has length {s.shape[0]}, but y_true has length {n}")
-    if not (np.issubdtype(s.dtype, np.number) or s.dtype == bool):
-        raise ValueError(f"{name} must be numeric, got dtype {s.dtype}")
-    s = s.astype(np.float64)
-    n_nan = int(np.isnan(s).sum())
-    if n_nan:
-        first = int(np.flatnonzero(np.isnan(s))[0])
-        raise ValueError(f"{name} must not contain NaN, got {n_nan} (first at index {first})")
-    return s
-
-
-def _check_level(level: object) -> float:
-    if (
-        isinstance(level, bool)
-        or not isinstance(level, numbers.Real)
-        or not (0.0 < float(level) < 1.0)
-    ):
-        raise ValueError(f"level must be a number in (0, 1), got {level!r}")
-    return float(level)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,8 +197,8 @@ def delong_variance(y_true, score) -> tuple[float, float]:
     >>> round(auc, 4), round(var, 4)
     (0.75, 0.125)
     """
-    y = _check_binary_labels(y_true)
-    s = _check_scores(score, "score", y.size)
+    y = as_two_class_labels(y_true)
+    s = as_scores(score, "score", y.size)
     _warn_single_sample(y)
     aucs, cov = _delong_covariance(y, [s])
     return float(aucs[0]), float(cov[0, 0])
@@ -301,9 +251,9 @@ def delong_test(y_true, score_a, score_b) -> DeLongResult:
     >>> round(result.auc_a, 4), round(result.auc_b, 4), round(result.p_value, 4)
     (0.8889, 0.6667, 0.3711)
     """
-    y = _check_binary_labels(y_true)
-    a = _check_scores(score_a, "score_a", y.size)
-    b = _check_scores(score_b, "score_b", y.size)
+    y = as_two_class_labels(y_true)
+    a = as_scores(score_a, "score_a", y.size)
+    b = as_scores(score_b, "score_b", y.size)
     _warn_single_sample(y)
     aucs, s = _delong_covariance(y, [a, b])
     var_a, var_b, cov = float(s[0, 0]), float(s[1, 1]), float(s[0, 1])
@@ -369,9 +319,9 @@ def auc_ci(y_true, score, *, level: float = 0.95) -> AUCInterval:
     >>> round(ci.auc, 4), round(ci.low, 4), round(ci.high, 4)
     (0.8889, 0.5809, 1.0)
     """
-    level = _check_level(level)
-    y = _check_binary_labels(y_true)
-    s = _check_scores(score, "score", y.size)
+    level = check_level(level)
+    y = as_two_class_labels(y_true)
+    s = as_scores(score, "score", y.size)
     _warn_single_sample(y)
     aucs, cov = _delong_covariance(y, [s])
     auc, var = float(aucs[0]), float(cov[0, 0])
@@ -423,10 +373,8 @@ def multiclass_auc(y_true, prob, *, method: str = "ovr") -> float:
     """
     if method not in ("ovr", "ovo"):
         raise ValueError(f"method must be 'ovr' or 'ovo', got {method!r}")
-    y = np.asarray(y_true)
+    y = as_1d(y_true, "y_true")
     p = np.asarray(prob)
-    if y.ndim != 1:
-        raise ValueError(f"y_true must be 1-D, got shape {y.shape}")
     if p.ndim != 2:
         raise ValueError(f"prob must be 2-D (n_samples, n_classes), got shape {p.shape}")
     if p.shape[0] != y.shape[0]:
@@ -448,15 +396,14 @@ def multiclass_auc(y_true, prob, *, method: str = "ovr") -> float:
     outside = np.setdiff1d(y, np.arange(n_classes))
     if outside.size:
         raise ValueError(
-            f"y_true must hold labels 0..{n_classes - 1} (columns of prob), "
-            f"got {_describe(outside)}"
+            f"y_true must hold labels 0..{n_classes - 1} (columns of prob), got {describe(outside)}"
         )
     counts = np.bincount(y, minlength=n_classes)
     absent = np.flatnonzero(counts == 0)
     if absent.size:
         raise ValueError(
             f"y_true must contain every class 0..{n_classes - 1}, class "
-            f"{_describe(absent.tolist())} is absent"
+            f"{describe(absent.tolist())} is absent"
         )
 
     if method == "ovr":
@@ -570,17 +517,12 @@ def bootstrap_auc_test(
     >>> round(result.difference, 4), result.ci_low <= result.difference <= result.ci_high
     (0.25, True)
     """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
-        raise ValueError(f"n_boot must be an integer >= 1, got {n_boot!r}")
-    if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0
-    ):
-        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-    level = _check_level(level)
-    y = _check_binary_labels(y_true)
-    a = _check_scores(score_a, "score_a", y.size)
-    b = _check_scores(score_b, "score_b", y.size)
-    n_boot = int(n_boot)
+    n_boot = check_integer(n_boot, "n_boot", minimum=1)
+    check_seed(seed)
+    level = check_level(level)
+    y = as_two_class_labels(y_true)
+    a = as_scores(score_a, "score_a", y.size)
+    b = as_scores(score_b, "score_b", y.size)
 
     pos_a, neg_a, pos_b, neg_b = a[y], a[~y], b[y], b[~y]
     m, n = pos_a.size, neg_a.size

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmdiag.stats._validation import as_binary, as_finite_float, check_same_length
+
 __all__ = ["ConcordanceResult", "concordance_index"]
 
 
@@ -80,44 +82,11 @@ def concordance_index(time, event, risk) -> ConcordanceResult:
     >>> result.concordant, result.discordant, result.comparable, float(result)
     (4, 1, 5, 0.8)
     """
-    time = _as_finite_float(time, "time")
-    event = _as_event(event)
-    risk = _as_finite_float(risk, "risk")
-    lengths = {"time": len(time), "event": len(event), "risk": len(risk)}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"lengths differ: {lengths}")
-    if len(time) < 2:
-        raise ValueError(f"need at least 2 patients, got {len(time)}")
+    time = as_finite_float(time, "time")
+    event = as_binary(event, "event")
+    risk = as_finite_float(risk, "risk")
+    check_same_length({"time": time, "event": event, "risk": risk}, unit="patients")
     return _concordance(time, event, risk)
-
-
-def _as_finite_float(values, name: str) -> np.ndarray:
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {array.shape}")
-    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
-    array = array.astype(np.float64)
-    bad = ~np.isfinite(array)
-    if bad.any():
-        index = np.flatnonzero(bad)[0]
-        raise ValueError(f"{name} must be finite, got {array[index]} at index {index}")
-    return array
-
-
-def _as_event(values) -> np.ndarray:
-    array = np.asarray(values)
-    if array.ndim != 1:
-        raise ValueError(f"event must be one-dimensional, got shape {array.shape}")
-    if array.dtype == bool:
-        return array
-    if not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"event must be boolean or 0/1, got dtype {array.dtype}")
-    bad = ~np.isin(array, (0, 1))
-    if bad.any():
-        index = np.flatnonzero(bad)[0]
-        raise ValueError(f"event must be boolean or 0/1, got {array[index]} at index {index}")
-    return array.astype(bool)
 
 
 def _concordance(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> ConcordanceResult:

@@ -1,5 +1,32 @@
-"""Seeded synthetic demo cohort written in the formats real instruments produce."""
+"""Seeded synthetic cohorts written in the formats real instruments produce."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
 
 from mmdiag.synth.cohort import write_synthetic_cohort
 
-__all__ = ["write_synthetic_cohort"]
+__all__ = ["write_configured_cohort", "write_synthetic_cohort"]
+
+
+def write_configured_cohort(
+    out: Path, settings: Mapping, cohort: Mapping, *, progress: bool = True
+) -> None:
+    """Write the cohort a config describes: CS-MIL's toy slides for ``generator: toy_mil``
+    (``cohort["toy"]``), else the multi-modal renal demo cohort (the ``synth`` section)."""
+    if cohort.get("generator") == "toy_mil":
+        from mmdiag.synth.toy_mil import write_toy_cohort
+
+        toy = cohort["toy"]
+        write_toy_cohort(
+            out,
+            kind=toy["kind"],
+            n_slides=toy["n_slides"],
+            n_sites=toy["n_sites"],
+            seed=toy["seed"],
+            patch_px=settings["patching"]["patch_px"],
+            progress=progress,
+        )
+        return
+    write_synthetic_cohort(out, settings["synth"], progress=progress)

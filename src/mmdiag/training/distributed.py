@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mmdiag.training.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -44,24 +46,17 @@ class DistContext:
 def init_distributed(device: str = "auto") -> DistContext:
     """Join the process group that torchrun describes in the environment, if any.
 
-    ``device`` is ``auto`` (CUDA when available), ``cuda`` or ``cpu``. Each rank uses GPU
-    ``LOCAL_RANK``; on CPUs the gloo backend is used.
+    ``device`` is ``auto`` (CUDA when available), ``cuda`` or ``cpu``, as for
+    :func:`~mmdiag.training.device.resolve_device`. Each rank uses GPU ``LOCAL_RANK``; on CPUs
+    the gloo backend is used.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    chosen = resolve_device(device, local_rank=local_rank)
+    use_cuda = chosen.type == "cuda"
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible"
-            )
-        torch.cuda.set_device(local_rank)
-        chosen = torch.device("cuda", local_rank)
-    else:
-        chosen = torch.device("cpu")
+        torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)

@@ -1,22 +1,123 @@
 """The folder every per-fold trainer writes: ``results/{method}/{variant}/fold_{k}/``.
 
-``model.safetensors`` (trained variants), ``predictions.tsv``, ``metrics.tsv`` (long format:
-method, variant, fold, metric, value), ``train_log.tsv``, ``config.yaml`` (resolved settings,
-versions, input checksums) and any method-specific tables or tensors, written together under a
-temporary name and renamed: the folder is complete or absent.
+Three pieces every method shares, so that the files of a fold have one shape whichever method
+made them:
+
+- :func:`predictions_frame`: ``predictions.tsv``, one row per test case with the columns of
+  ``DESIGN.md`` (``patient_id, fold, variant, y_true, y_pred, prob_<class>...``; survival adds
+  ``time, event, risk``), then any method-specific columns;
+- :func:`provenance`: the fold's ``config.yaml``: the resolved settings, the library versions
+  and the checksum of every input file;
+- :func:`write_fold_folder`: ``model.safetensors`` (trained variants), ``predictions.tsv``,
+  ``metrics.tsv`` (long format: method, variant, fold, metric, value), ``train_log.tsv``,
+  ``config.yaml`` and any method-specific tables or tensors, written together under a
+  temporary name and renamed: the folder is complete or absent.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file, save_model
 from torch import nn
 
-from mmdiag.io import atomic_path, safetensors_metadata, write_tsv, write_yaml
+import mmdiag
+from mmdiag.io import atomic_path, safetensors_metadata, sha256_path, write_tsv, write_yaml
+
+#: The leading columns of every ``predictions.tsv``; ``prob_<class>`` columns follow.
+PREDICTION_COLUMNS = ("patient_id", "fold", "variant", "y_true", "y_pred")
+#: The columns a survival task adds after the probabilities.
+SURVIVAL_COLUMNS = ("time", "event", "risk")
+
+
+def predictions_frame(
+    patient_ids: Sequence[str],
+    *,
+    fold: int,
+    variant: str,
+    y_true: Sequence[int],
+    prob: np.ndarray | None = None,
+    classes: Sequence[str] = (),
+    y_pred: Sequence[int] | None = None,
+    survival: Mapping[str, Sequence[float]] | None = None,
+    extra: Mapping[str, Sequence] | None = None,
+) -> pd.DataFrame:
+    """``predictions.tsv`` rows, one per test case.
+
+    ``prob`` (n, K) gives one ``prob_<class>`` column per class; ``y_pred`` defaults to its
+    arg-max. ``survival`` holds ``time``, ``event`` and ``risk`` for survival tasks; ``extra``
+    adds method-specific columns (e.g. CS-MIL's median and max bag scores) at the end.
+    """
+    n = len(patient_ids)
+    if prob is not None:
+        prob = np.asarray(prob, dtype=np.float64)
+        if prob.shape != (n, len(classes)):
+            raise ValueError(f"prob has shape {prob.shape}; expected ({n}, {len(classes)})")
+    if y_pred is None:
+        if prob is None:
+            raise ValueError("give y_pred or prob")
+        y_pred = prob.argmax(axis=1)
+    frame = pd.DataFrame(
+        {
+            "patient_id": [str(p) for p in patient_ids],
+            "fold": int(fold),
+            "variant": variant,
+            "y_true": np.asarray(y_true, dtype=int),
+            "y_pred": np.asarray(y_pred, dtype=int),
+        }
+    )
+    for k, name in enumerate(classes if prob is not None else ()):
+        frame[f"prob_{name}"] = prob[:, k]
+    if survival is not None:
+        missing = sorted(set(SURVIVAL_COLUMNS) - set(survival))
+        if missing:
+            raise ValueError(f"survival predictions lack {missing}")
+        for column in SURVIVAL_COLUMNS:
+            frame[column] = np.asarray(survival[column], dtype=np.float64)
+    for column, values in (extra or {}).items():
+        frame[column] = list(values)
+    return frame
+
+
+def provenance(
+    *,
+    method: str,
+    variant: str,
+    fold: int,
+    method_settings: Mapping,
+    classes: Sequence[str],
+    inputs: Mapping[str, Path | str],
+    n_cases: Mapping[str, int] | None = None,
+    **extra,
+) -> dict:
+    """A fold's ``config.yaml``: what ran, on what, with which versions.
+
+    ``inputs`` maps a name to each input file or folder; each gets its path and checksum
+    (:func:`mmdiag.io.sha256_path`). ``extra`` adds method-specific fields at the end.
+    """
+    return {
+        "method": method,
+        "variant": variant,
+        "fold": int(fold),
+        "model": method_settings["variants"][variant]["model"],
+        "classes": list(classes),
+        "method_settings": dict(method_settings),
+        "inputs": {
+            name: {"path": str(path), "sha256": sha256_path(path)} for name, path in inputs.items()
+        },
+        "n_cases": dict(n_cases) if n_cases is not None else None,
+        "versions": {
+            "mmdiag": mmdiag.__version__,
+            "torch": str(torch.__version__),
+            "python": platform.python_version(),
+        },
+        **extra,
+    }
 
 
 def metric_rows(method: str, variant: str, fold: int, metrics: Mapping) -> pd.DataFrame:
@@ -37,17 +138,22 @@ def write_fold_folder(
     metrics: Mapping[str, float],
     resolved: Mapping,
     model: nn.Module | None = None,
-    model_metadata: Mapping | None = None,
     history: Sequence[Mapping] = (),
     tables: Mapping[str, pd.DataFrame] | None = None,
     tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> None:
-    """Write one fold's folder atomically; ``tables``/``tensors`` map extra file names to
-    a TSV's frame or a safetensors file's tensors."""
+    """Write one fold's folder atomically.
+
+    ``resolved`` is the fold's :func:`provenance`; the checkpoint's metadata records its model
+    and classes. ``tables``/``tensors`` map extra file names to a TSV's frame or a safetensors
+    file's tensors.
+    """
     fold, variant = int(predictions["fold"].iloc[0]), str(predictions["variant"].iloc[0])
     with atomic_path(out_dir, is_dir=True) as tmp:
         if model is not None:
-            metadata = safetensors_metadata(**dict(model_metadata or {}))
+            metadata = safetensors_metadata(
+                model=resolved.get("model"), classes=list(resolved.get("classes", []))
+            )
             save_model(model.cpu(), str(tmp / "model.safetensors"), metadata=metadata)
         write_tsv(predictions, tmp / "predictions.tsv")
         write_tsv(metric_rows(method, variant, fold, metrics), tmp / "metrics.tsv")

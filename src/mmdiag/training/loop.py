@@ -26,6 +26,7 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from mmdiag.training.device import resolve_device
 from mmdiag.training.distributed import (
     DistContext,
     gather_rows,
@@ -54,15 +55,6 @@ class TrainSettings:
     weight_decay: float
     seed: int = 0
     device: str = "auto"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
-    return torch.device(name)
 
 
 def single_process(device: torch.device) -> DistContext:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmdiag.io import atomic_path
+from mmdiag.io import atomic_path, read_tsv
 
 DATASETS = ("Micro-anomaly", "Macro-anomaly")
 METRICS = ("AUC", "AP")
@@ -69,8 +69,8 @@ def write_toy_table(
 ) -> list[Path]:
     """``table5.md``, ``table5.tex`` and ``table5.tsv`` under ``out_dir``; return the paths."""
     fold_alls = {
-        DATASETS[0]: pd.read_csv(micro_fold_all, sep="\t"),
-        DATASETS[1]: pd.read_csv(macro_fold_all, sep="\t"),
+        DATASETS[0]: read_tsv(micro_fold_all),
+        DATASETS[1]: read_tsv(macro_fold_all),
     }
     labels = {}
     for table in method_settings.get("tables", {}).values():

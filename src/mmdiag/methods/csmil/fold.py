@@ -1,7 +1,7 @@
 """Train and test one CS-MIL variant on one split, from the cohort's features and clusters.
 
 Per split (paper, Sec. 4): a model is trained on bags drawn from the training slides' patches
-(evenly from each patient's phenotype clusters, :mod:`mmdiag.training.csmil_bags`) with Adam
+(evenly from each patient's phenotype clusters, :mod:`mmdiag.methods.csmil.bags`) with Adam
 (lr 5e-4, weight decay 1e-4) and binary cross-entropy; after every epoch the loss on fixed
 validation bags is measured and the weights of the epoch with the lowest validation loss are
 kept (the last epoch's when the split has no validation part). Each test slide is scored by
@@ -17,108 +17,27 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import average_precision_score
 from torch import nn
 
-import mmdiag
-from mmdiag.data.manifest import read_manifest
-from mmdiag.data.splits import load_splits
-from mmdiag.evaluation.metrics import classification_metrics
-from mmdiag.features.store import open_feature_store
-from mmdiag.io import sha256_file
+from mmdiag.data.splits import load_fold
+from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS, compute_metrics
+from mmdiag.methods.csmil.bags import aggregate_bag_probabilities, collate_bags, sample_bags
+from mmdiag.methods.csmil.data import Slide, load_slides, standardise
+from mmdiag.methods.csmil.settings import binary_classes, cluster_column, stratified_bags
 from mmdiag.models import create_model
-from mmdiag.training.csmil_bags import aggregate_bag_probabilities, collate_bags, sample_bags
-from mmdiag.training.fold_outputs import write_fold_folder
+from mmdiag.training.fold_outputs import predictions_frame, provenance, write_fold_folder
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Slide:
-    """One patient's bag material: every patch's features at every scale, and its cluster."""
-
-    patient_id: str
-    label: int
-    features: np.ndarray  # float32 (n_patches, S, D)
-    clusters: np.ndarray  # int (n_patches,)
-    image_ids: np.ndarray  # str (n_patches,): the slide of each patch
-    patch_index: np.ndarray  # int (n_patches,): row in that slide's feature store
-
-
-def load_slides(
-    manifest_path: Path,
-    feature_paths: Sequence[Path],
-    clusters_path: Path,
-    classes: Sequence[str],
-    positive_class: str,
-    *,
-    cluster_column: str = "cluster",
-) -> dict[str, Slide]:
-    """Every patient with a feature store, keyed by patient id (a patient's slides pooled)."""
-    manifest = read_manifest(manifest_path)
-    if positive_class not in classes or len(classes) != 2:
-        raise ValueError(
-            f"CS-MIL needs two classes with {positive_class!r} among them; "
-            f"the manifest allows {list(classes)}"
-        )
-    wsi = manifest[manifest["modality"] == "WSI"].set_index("image_id")
-    clusters = pd.read_csv(clusters_path, sep="\t", dtype={"patient_id": str, "image_id": str})
-    if cluster_column not in clusters.columns:
-        raise ValueError(f"{clusters_path}: no column {cluster_column!r}")
-    by_patient: dict[str, list] = {}
-    for path in feature_paths:
-        store = open_feature_store(path)
-        if store.image_id not in wsi.index:
-            raise ValueError(
-                f"feature store {path}: image_id {store.image_id!r} not in {manifest_path}"
-            )
-        rows = clusters[clusters["image_id"] == store.image_id].sort_values("patch_index")
-        if len(rows) != len(store):
-            raise ValueError(
-                f"{clusters_path}: {len(rows)} cluster rows for {store.image_id}, "
-                f"its feature store {path} has {len(store)} patches"
-            )
-        patient = str(wsi.loc[store.image_id, "patient_id"])
-        label = int(wsi.loc[store.image_id, "disease"] == positive_class)
-        by_patient.setdefault(patient, []).append((store, rows[cluster_column].to_numpy(), label))
-    return {patient: _pool(patient, parts) for patient, parts in sorted(by_patient.items())}
-
-
-def _pool(patient: str, parts: list) -> Slide:
-    return Slide(
-        patient_id=patient,
-        label=parts[0][2],
-        features=np.concatenate([store.features for store, _, _ in parts]),
-        clusters=np.concatenate([clusters for _, clusters, _ in parts]).astype(np.int64),
-        image_ids=np.concatenate([[store.image_id] * len(store) for store, _, _ in parts]),
-        patch_index=np.concatenate([np.arange(len(store)) for store, _, _ in parts]),
-    )
-
-
-def standardise(parts: Mapping[str, list[Slide]]) -> tuple[dict, np.ndarray, np.ndarray]:
-    """z-score every feature with the mean and std of the training slides' patches.
-
-    An affine map the first (1x1) layer could learn itself, so it changes no model; it makes
-    optimisation independent of the encoder's output scale (weakly trained encoders give
-    features that barely vary between patches).
-    """
-    train = np.concatenate([slide.features for slide in parts["train"]])
-    mean = train.mean(axis=0, keepdims=True)
-    std = train.std(axis=0, keepdims=True) + 1e-6
-    scaled = {
-        part: [replace(s, features=((s.features - mean) / std).astype(np.float32)) for s in slides]
-        for part, slides in parts.items()
-    }
-    return scaled, mean[0], std[0]
+#: What CS-MIL reports per split: AUC and AP (Tables 1-5), with the macro metrics beside them.
+METRICS = (*CLASSIFICATION_METRICS, "AP")
 
 
 def draw_bags(slide: Slide, n_bags: int, bag_size: int, rng, *, stratified: bool):
@@ -261,12 +180,7 @@ def patch_attention(slide: Slide, bags, attention: Mapping[str, np.ndarray]) -> 
 def binary_metrics(y_true: np.ndarray, prob_positive: np.ndarray) -> dict[str, float]:
     """ACC, AUC, PRE, REC, SPE, F1 (macro, as every method) and AP of the positive class."""
     prob = np.column_stack([1 - prob_positive, prob_positive])
-    metrics = classification_metrics(y_true, prob, n_classes=2)
-    single_class = len(np.unique(y_true)) < 2
-    metrics["AP"] = (
-        float("nan") if single_class else float(average_precision_score(y_true, prob_positive))
-    )
-    return metrics
+    return compute_metrics(METRICS, y_true, prob=prob, n_classes=2)
 
 
 def run_csmil_fold(
@@ -285,17 +199,16 @@ def run_csmil_fold(
     """Train ``variant`` on split ``fold``, test it, write ``out_dir``; return its metrics."""
     started = time.perf_counter()
     spec = method_settings["variants"][variant]
-    stratified = spec["clustering"]
-    cluster_column = f"cluster_{spec['cluster_scale']}" if spec["cluster_scale"] else "cluster"
+    stratified = stratified_bags(spec)
+    classes = binary_classes(classes, method_settings["positive_class"])
     slides = load_slides(
         manifest_path,
         feature_paths,
         clusters_path,
-        classes,
         method_settings["positive_class"],
-        cluster_column=cluster_column,
+        cluster_column=cluster_column(spec),
     )
-    parts = _split_parts(load_splits(splits_path), fold, splits_path, slides)
+    parts = _split_parts(splits_path, fold, slides)
     scaling = None
     if method_settings["standardise_features"]:
         parts, mean, std = standardise(parts)
@@ -311,35 +224,35 @@ def run_csmil_fold(
     scores, attention = test_variant(
         model, parts["test"], method_settings, rng, stratified=stratified
     )
-    predictions = predictions_frame(parts["test"], scores, fold, variant, classes)
+    predictions = slide_predictions(parts["test"], scores, fold, variant, classes)
     metrics = binary_metrics(
         predictions["y_true"].to_numpy(), predictions[f"prob_{classes[1]}"].to_numpy()
     )
-    resolved = {
-        "method": method,
-        "variant": variant,
-        "fold": fold,
-        "model": spec["model"],
-        "variant_settings": dict(spec),
-        "bags": dict(method_settings["bags"]),
-        "standardise_features": method_settings["standardise_features"],
-        "train": dict(method_settings["train"]),
-        "classes": list(classes),
-        "n_slides": {k: len(v) for k, v in parts.items()},
-        "inputs": {
-            "manifest_sha256": sha256_file(manifest_path),
-            "splits_sha256": sha256_file(splits_path),
-            "clusters_sha256": sha256_file(clusters_path),
+    resolved = provenance(
+        method=method,
+        variant=variant,
+        fold=fold,
+        method_settings=method_settings,
+        classes=classes,
+        inputs={
+            "manifest": manifest_path,
+            "splits": splits_path,
+            "clusters": clusters_path,
+            **{f"features:{p}": p for p in feature_paths},
         },
-        "versions": {
-            "mmdiag": mmdiag.__version__,
-            "torch": str(torch.__version__),
-            "python": platform.python_version(),
-        },
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    write_csmil_fold(
-        out_dir, model, predictions, metrics, history, attention, resolved, method, scaling
+        n_cases={k: len(v) for k, v in parts.items()},
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    write_fold_folder(
+        out_dir,
+        method=method,
+        predictions=predictions,
+        metrics=metrics,
+        resolved=resolved,
+        model=model,
+        history=history,
+        tables={"attention.tsv": attention},
+        tensors={"feature_scaling.safetensors": scaling} if scaling is not None else None,
     )
     log.info(
         "%s %s fold %d: %s",
@@ -351,52 +264,32 @@ def run_csmil_fold(
     return metrics
 
 
-def _split_parts(splits: Mapping, fold: int, path: Path, slides: Mapping[str, Slide]):
-    folds = splits["folds"]
-    if not 0 <= fold < len(folds):
-        raise ValueError(f"{path}: fold {fold} does not exist ({len(folds)} folds)")
+def _split_parts(splits_path: Path, fold: int, slides: Mapping[str, Slide]):
+    """The split's train/val/test patients as slides (validation patients may lack one)."""
+    split = load_fold(splits_path, fold)
     parts = {}
     for part in ("train", "val", "test"):
-        patients = folds[fold].get(part, [])
+        patients = split.get(part, [])
         missing = [p for p in patients if p not in slides]
         if missing and part != "val":
-            raise ValueError(f"{path}: {part} patients {missing[:5]} have no feature store")
+            raise ValueError(f"{splits_path}: {part} patients {missing[:5]} have no feature store")
         parts[part] = [slides[p] for p in patients if p in slides]
     return parts
 
 
-def predictions_frame(test, scores, fold: int, variant: str, classes) -> pd.DataFrame:
-    """One row per test slide: the mean-bag probability, and the median and max bag scores."""
+def slide_predictions(test, scores, fold: int, variant: str, classes) -> pd.DataFrame:
+    """One row per test slide: the mean-bag probability, and the median and max bag scores.
+
+    ``y_pred`` is 1 where the mean probability reaches 0.5.
+    """
     mean = np.array([s.mean for s in scores])
-    return pd.DataFrame(
-        {
-            "patient_id": [s.patient_id for s in test],
-            "fold": fold,
-            "variant": variant,
-            "y_true": [s.label for s in test],
-            "y_pred": (mean >= 0.5).astype(int),
-            f"prob_{classes[0]}": 1 - mean,
-            f"prob_{classes[1]}": mean,
-            "score_median": [s.median for s in scores],
-            "score_max": [s.max for s in scores],
-        }
-    )
-
-
-def write_csmil_fold(
-    out_dir, model, predictions, metrics, history, attention, resolved, method, scaling=None
-):
-    """The fold folder, with ``attention.tsv`` and (when the features were standardised)
-    ``feature_scaling.safetensors``: the training split's mean and std."""
-    write_fold_folder(
-        out_dir,
-        method=method,
-        predictions=predictions,
-        metrics=metrics,
-        resolved=resolved,
-        model=model,
-        model_metadata={"model": resolved["model"]},
-        history=history,
-        tables={"attention.tsv": attention},
-        tensors={"feature_scaling.safetensors": scaling} if scaling is not None else None,
+    return predictions_frame(
+        [s.patient_id for s in test],
+        fold=fold,
+        variant=variant,
+        y_true=[s.label for s in test],
+        prob=np.column_stack([1 - mean, mean]),
+        classes=classes,
+        y_pred=(mean >= 0.5).astype(int),
+        extra={"score_median": [s.median for s in scores], "score_max": [s.max for s in scores]},
     )

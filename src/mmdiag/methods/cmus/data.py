@@ -8,7 +8,8 @@ Images are decoded once per fold and kept in memory as uint8 tensors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,11 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+
+from mmdiag.data.manifest import read_manifest
+from mmdiag.io import read_tsv
+
+CROP_COLUMNS = ("crop_x0", "crop_y0", "crop_x1", "crop_y1")
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,59 @@ def load_patient_samples(
             )
         )
     return samples
+
+
+def read_crop_boxes(glomeruli_path: Path) -> dict[str, tuple[int, int, int, int]]:
+    """OM path -> glomerulus crop box (x0, y0, x1, y1), from the segmentation step's table."""
+    table = read_tsv(glomeruli_path)
+    missing = sorted(set(CROP_COLUMNS) - set(table.columns))
+    if missing:
+        raise ValueError(f"{glomeruli_path}: missing columns {missing}")
+    return {row.path: tuple(int(v) for v in row[list(CROP_COLUMNS)]) for _, row in table.iterrows()}
+
+
+def uses_crops(method_settings: Mapping, glomeruli_path: Path | None) -> bool:
+    """Whether the OM input is the glomerulus crop: configured, and the table given."""
+    crop = method_settings["preprocess"].get("om_glomerulus_crop", False)
+    return bool(crop) and glomeruli_path is not None
+
+
+def patient_loader(
+    manifest_path: Path,
+    method_settings: Mapping,
+    classes: Sequence[str],
+    glomeruli_path: Path | None = None,
+) -> Callable[[Sequence[str]], list[PatientSample]]:
+    """A function from patient ids to their preprocessed samples, as the method is configured.
+
+    The fold trainer and the figures load patients through this one function, so both see the
+    same preprocessing (legend crop, glomerulus crop, size).
+    """
+    preprocess = method_settings["preprocess"]
+    return functools.partial(
+        load_patient_samples,
+        read_manifest(manifest_path),
+        label_column=method_settings["task"],
+        classes=classes,
+        image_size_px=preprocess["image_size_px"],
+        tem_legend_px=preprocess["tem_legend_px"],
+        max_tem_per_patient=preprocess["max_tem_per_patient"],
+        om_crop_boxes=(
+            read_crop_boxes(glomeruli_path) if uses_crops(method_settings, glomeruli_path) else None
+        ),
+    )
+
+
+def batch_collator(method_settings: Mapping) -> Callable:
+    """``collate(samples, generators=None)`` with the method's normalisation."""
+    preprocess = method_settings["preprocess"]
+    return functools.partial(
+        _collate, mean=preprocess["normalise_mean"], std=preprocess["normalise_std"]
+    )
+
+
+def _collate(samples, generator=None, *, mean, std):
+    return collate_patients(samples, mean=mean, std=std, augment_generator=generator)
 
 
 def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,6 @@ Side effects: writes PNG files into the output folder (atomically, one by one).
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,14 +21,15 @@ import pandas as pd
 import torch
 from safetensors.torch import load_model
 
-from mmdiag.data.manifest import read_manifest
-from mmdiag.data.splits import load_splits
+from mmdiag.config import loss_weight_grid_variants
+from mmdiag.data.splits import load_fold
 from mmdiag.evaluation.explain import grad_cam, last_feature_module
+from mmdiag.io import read_tsv
+from mmdiag.methods.cmus.data import batch_collator, patient_loader
+from mmdiag.methods.cmus.settings import is_vote, model_arguments, task_classes
 from mmdiag.models import create_model
 from mmdiag.models.cmus import PAPER_LOSS_WEIGHTS
 from mmdiag.reporting import figures
-from mmdiag.training.cmus_data import collate_patients, load_patient_samples
-from mmdiag.training.cmus_fold import model_arguments, read_crop_boxes, task_classes
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def effective_batch_size(method_settings: Mapping, variant: str) -> int:
     """A variant's batch size; a vote takes its members' (-1 when they disagree)."""
     spec = method_settings["variants"][variant]
-    if spec["model"] == "late_vote":
+    if is_vote(spec):
         sizes = {effective_batch_size(method_settings, m) for m in spec["members"]}
         return sizes.pop() if len(sizes) == 1 else -1
     return spec.get("train", {}).get("batch_size", method_settings["train"]["batch_size"])
@@ -47,7 +47,7 @@ def batch_size_series(method_settings: Mapping) -> dict[str, tuple[str, float]]:
     """Fig. 5: the full CMUS-Net variants and the late votes, each with its batch size."""
     series = {}
     for name, spec in method_settings["variants"].items():
-        if spec["model"] == "late_vote":
+        if is_vote(spec):
             label = "late fusion (vote)"
         elif spec["model"] == "cmus_net" and _is_full_cmus_net(spec):
             label = "CMUS-Net"
@@ -71,10 +71,11 @@ def _is_full_cmus_net(spec: Mapping) -> bool:
 
 def loss_weight_variants(method_settings: Mapping) -> dict[str, tuple[float, float, float]]:
     """Fig. 6: the loss-weight grid's variants and their (alpha, beta, gamma)."""
+    variants = method_settings["variants"]
     return {
-        name: tuple(spec["loss_weights"][m] for m in ("OM", "IM", "TEM"))
-        for name, spec in method_settings["variants"].items()
-        if name.startswith("wl_a")
+        name: tuple(variants[name]["loss_weights"][m] for m in ("OM", "IM", "TEM"))
+        for name in loss_weight_grid_variants(method_settings)
+        if name in variants
     }
 
 
@@ -92,7 +93,7 @@ def write_cmus_figures(
 ) -> list[Path]:
     """Write every figure the results allow; return their paths."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
-    fold_all = pd.read_csv(results_dir / "fold_all.tsv", sep="\t")
+    fold_all = read_tsv(results_dir / "fold_all.tsv")
     reference = method_settings["reference"]
     predictions = _variant_predictions(results_dir, reference)
     written = [
@@ -142,7 +143,7 @@ def _variant_predictions(results_dir: Path, variant: str) -> pd.DataFrame:
     files = sorted((results_dir / variant).glob("fold_*/predictions.tsv"))
     if not files:
         raise ValueError(f"no predictions.tsv under {results_dir / variant}")
-    return pd.concat([pd.read_csv(f, sep="\t") for f in files], ignore_index=True)
+    return pd.concat([read_tsv(f) for f in files], ignore_index=True)
 
 
 def _model_figures(
@@ -165,22 +166,10 @@ def _model_figures(
     )
     load_model(model, str(fold_dir / "model.safetensors"))
     model.eval()
-    preprocess = method_settings["preprocess"]
-    split = next(f for f in load_splits(splits_path)["folds"] if f["fold"] == fold)
-    use_crops = preprocess.get("om_glomerulus_crop", False) and glomeruli_path is not None
-    samples = load_patient_samples(
-        read_manifest(manifest_path),
-        split["train"] + split["val"] + split["test"],
-        label_column=method_settings["task"],
-        classes=classes,
-        image_size_px=preprocess["image_size_px"],
-        tem_legend_px=preprocess["tem_legend_px"],
-        max_tem_per_patient=preprocess["max_tem_per_patient"],
-        om_crop_boxes=read_crop_boxes(glomeruli_path) if use_crops else None,
-    )
-    collate = functools.partial(
-        collate_patients, mean=preprocess["normalise_mean"], std=preprocess["normalise_std"]
-    )
+    split = load_fold(splits_path, fold)
+    load = patient_loader(manifest_path, method_settings, classes, glomeruli_path)
+    samples = load(split["train"] + split["val"] + split["test"])
+    collate = batch_collator(method_settings)
     labels = np.array([s.label for s in samples])
     written = [
         figures.plot_tsne(

@@ -23,6 +23,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
 
 from mmdiag.features.store import open_feature_store  # noqa: E402
+from mmdiag.io import read_tsv  # noqa: E402
 from mmdiag.patching.slide import Slide  # noqa: E402
 from mmdiag.patching.store import open_patch_store  # noqa: E402
 from mmdiag.reporting.figures import _save  # noqa: E402
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 def pooled_predictions(results_dir: Path, variants: Sequence[str]) -> pd.DataFrame:
     """Every variant's test predictions of every split, in one frame."""
     frames = [
-        pd.read_csv(path, sep="\t", dtype={"patient_id": str})
+        read_tsv(path)
         for variant in variants
         for path in sorted((results_dir / variant).glob("fold_*/predictions.tsv"))
     ]
@@ -232,7 +233,7 @@ def write_csmil_figures(
     ]
     settings = method_settings["attention"]
     fold_dir = results_dir / reference / f"fold_{settings['fold']}"
-    attention = pd.read_csv(fold_dir / "attention.tsv", sep="\t", dtype={"patient_id": str})
+    attention = read_tsv(fold_dir / "attention.tsv")
     truth = predictions[predictions["variant"] == reference].drop_duplicates("patient_id")
     attention["label"] = attention["patient_id"].map(truth.set_index("patient_id")["y_true"])
     scales = open_feature_store(next(feature_dir.rglob("*.zarr"))).scales

@@ -1,0 +1,126 @@
+"""What every command of the ``mmdiag`` command line shares: option types, settings, errors.
+
+Settings come from the YAML config files (``--config``, validated against
+``config/schema.yaml``) or, when Snakemake calls, from ``--settings-json``: the already
+validated section(s) the stage needs. Errors end the command with exit code 1 and one line that
+names the file, key or value at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+ConfigFiles = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file(s), merged in order (default: config/config.yaml and "
+        "config/methods/*.yaml in the current folder).",
+    ),
+]
+SettingsJson = Annotated[
+    str | None,
+    typer.Option(help="Validated settings as JSON (how Snakemake passes them); replaces --config."),
+]
+ManifestPath = Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")]
+SplitsPath = Annotated[Path, typer.Option("--splits", help="Split JSON.")]
+FoldIndex = Annotated[int, typer.Option("--fold", help="Fold index in the split file.")]
+VariantName = Annotated[str, typer.Option(help="Variant (a row of the method's tables).")]
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` in red on stderr and exit with code 1."""
+    typer.secho(f"error: {message}", err=True, fg="red")
+    raise typer.Exit(code=1)
+
+
+def reports_errors(*errors: type[Exception]) -> Callable:
+    """Decorator: turn the given exceptions (default ``ValueError``) into :func:`fail`."""
+    caught = errors or (ValueError,)
+
+    def decorate(command: Callable) -> Callable:
+        @wraps(command)
+        def run(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except caught as error:
+                fail(str(error))
+
+        return run
+
+    return decorate
+
+
+def load_settings(config_files: list[Path] | None, settings_json: str | None) -> dict:
+    """The validated configuration, from JSON (Snakemake) or from YAML files (by hand)."""
+    from mmdiag.config import ConfigError, load_config
+
+    if settings_json:
+        return json.loads(settings_json)
+    if not config_files:
+        config_files = [Path("config/config.yaml"), *sorted(Path("config/methods").glob("*.yaml"))]
+    try:
+        return load_config(config_files)
+    except ConfigError as error:
+        fail(str(error))
+
+
+def method_settings(settings: Mapping, method: str, family: str | None = None) -> dict:
+    """A configured method's settings; a clear error naming the configured ones, or the
+    method's family when it is not ``family``."""
+    methods = settings["methods"]
+    if method not in methods:
+        fail(f"unknown method {method!r}; configured: {sorted(methods)}")
+    found = methods[method].get("family", family)
+    if family is not None and found != family:
+        fail(f"method {method!r} is of family {found!r}, not {family!r}")
+    return methods[method]
+
+
+def variant_settings(
+    settings: Mapping, method: str, variant: str, family: str
+) -> tuple[dict, dict]:
+    """A method's settings and one of its variants', or a clear error naming the configured ones."""
+    chosen = method_settings(settings, method, family)
+    if variant not in chosen["variants"]:
+        fail(f"unknown variant {variant!r}; configured: {sorted(chosen['variants'])}")
+    return chosen, chosen["variants"][variant]
+
+
+def method_manifest_rules(settings: Mapping, method: str) -> dict:
+    """The manifest rules of a method's cohort: the global rules with the cohort's overrides.
+
+    From YAML files the cohort's ``manifest_rules`` apply here; Snakemake passes the rules
+    already merged as ``manifest`` (and no cohorts), so both paths give the same classes.
+    """
+    from mmdiag.config import cohort_manifest_rules
+
+    return cohort_manifest_rules(settings, settings["methods"][method]["cohort"])
+
+
+def set_torch_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads in torch (0 keeps torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def setup_logging() -> None:
+    """INFO-level logging of every stage to stderr (the rule's log file)."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
