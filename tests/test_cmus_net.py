@@ -3,10 +3,11 @@
 import math
 
 import pytest
+import timm
 import torch
 from torch.nn import functional as F
 
-from mmdiag.models import create_model
+from mmdiag.models import cmus, create_model
 from mmdiag.models.cmus import (
     FUSION_ATTENTIONS,
     CrossModalScaleAttention,
@@ -29,14 +30,40 @@ def test_smil_hand_computed_example():
     torch.testing.assert_close(features.grad[:, 0], torch.tensor([0.5, 1.0, 0.5, 0.0]))
 
 
+def _smil_by_hand(points, t):
+    """Eqs. 4-7 instance by instance: the centre, the instances kept and f'."""
+    n = len(points)
+    distance = [[math.dist(p, q) for q in points] for p in points]  # eq. 4: Euclidean
+    centre = min(range(n), key=lambda i: sum(distance[i]))  # least total distance
+    pairs = [distance[i][j] for i in range(n) for j in range(i + 1, n)]
+    cut = t * sum(pairs) / len(pairs)  # eq. 5: t times the mean pairwise distance
+    kept = [i for i in range(n) if i != centre and distance[centre][i] <= cut]  # eq. 6
+    inverse = {i: 1 / distance[centre][i] for i in kept}  # eq. 7: inverse distance to the centre
+    aggregate = list(points[centre])
+    for i in kept:
+        for k in range(len(aggregate)):
+            aggregate[k] += inverse[i] / sum(inverse.values()) * points[i][k]
+    return centre, kept, aggregate
+
+
 def test_smil_inverse_distance_weights():
-    # centre 0 at the origin; others at distance 1 and 2 (none cut): weights 2/3 and 1/3
-    features = torch.tensor([[0.0], [1.0], [-2.0]])
-    sums = [3.0, 4.0, 5.0]  # distance sums -> centre is instance 0
-    assert min(range(3), key=sums.__getitem__) == 0
-    torch.testing.assert_close(
-        sparse_mil_aggregate(features, t=1.5), torch.tensor([0 + 2 / 3 * 1 + 1 / 3 * -2])
-    )
+    # instance 0 is central; 1, 2, 3 at distances 2, 1, sqrt(5) from it; 4 is far (10)
+    points = [(1.0, 1.0), (3.0, 1.0), (1.0, 2.0), (0.0, -1.0), (9.0, 7.0)]
+    features = torch.tensor(points)
+    for t, kept_by_hand in ((1.5, [1, 2, 3]), (2.0, [1, 2, 3, 4])):  # the cut drops 4, or not
+        centre, kept, expected = _smil_by_hand(points, t)
+        assert centre == 0 and kept == kept_by_hand
+        actual = sparse_mil_aggregate(features, t=t)
+        torch.testing.assert_close(actual, torch.tensor(expected))
+    centre, kept, expected = _smil_by_hand(points, 1.5)
+    alternatives = {
+        "the centre alone": features[centre],
+        "equal weights": features[centre] + features[kept].mean(dim=0),
+        "no outlier cut": torch.tensor(_smil_by_hand(points, 2.0)[2]),
+        "the kept instances alone": torch.tensor(expected) - features[centre],
+    }
+    for name, wrong in alternatives.items():  # the bag tells them apart
+        assert (torch.tensor(expected) - wrong).abs().max() > 0.1, name
 
 
 def test_smil_works_on_token_maps_and_flattens_them():
@@ -89,6 +116,46 @@ def test_token_map_layouts():
     vit = create_encoder("test_vit")
     tokens = token_map(vit, images)
     assert tokens.shape[1] == (64 // 16) ** 2  # class token dropped
+
+
+def _small_swin(img_size):
+    """timm's smallest Swin, randomly initialised, for ``img_size`` inputs (NHWC features)."""
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, img_size=img_size
+    )
+
+
+def test_token_map_flattens_swin_nhwc_features_row_major():
+    torch.manual_seed(0)
+    swin = _small_swin((96, 64)).eval()
+    images = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        features = swin.forward_features(images)
+        tokens = token_map(swin, images)
+    assert swin.output_fmt == "NHWC" and features.shape == (2, 3, 2, swin.num_features)
+    assert tokens.shape == (2, 3 * 2, swin.num_features)  # (B, N, C) over a 3 x 2 grid
+    row_major = torch.stack([features[:, i, j] for i in range(3) for j in range(2)], dim=1)
+    torch.testing.assert_close(tokens, row_major)
+    channels_first = features.permute(0, 3, 1, 2)  # the same map as a (B, C, H, W) encoder's
+    torch.testing.assert_close(tokens, channels_first.flatten(2).transpose(1, 2))
+
+
+def test_cmus_net_runs_on_a_swin_encoder(monkeypatch):
+    names = []
+
+    def swin_encoder(name, *, checkpoint=None):
+        names.append(name)
+        return _small_swin(64)
+
+    monkeypatch.setattr(cmus, "create_encoder", swin_encoder)
+    torch.manual_seed(0)
+    model = create_model("cmus_net", encoder="swin_tiny_patch4_window7_224", hidden_dim=16)
+    assert names == ["swin_tiny_patch4_window7_224"] * 3  # one encoder per modality
+    batch = _batch(64)
+    tokens = model.encode(batch)
+    assert all(t.shape == (2, 2 * 2, 768) for t in tokens.values())  # 2 x 2 grid of 64 / 32
+    loss, logits = model.loss(batch)
+    assert logits.shape == (2, 3) and torch.isfinite(loss)
 
 
 def _batch(size=64):

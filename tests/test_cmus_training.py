@@ -110,6 +110,47 @@ def test_majority_vote_with_ties_taking_the_mean_probability():
         majority_vote([members[0], members[1].assign(y_true=[1, 1])], CLASSES)
 
 
+def test_a_late_votes_metrics_come_from_the_vote(tmp_path):
+    """Three members vote the true class 0 while their mean probability favours class 1: the
+    fold's label metrics follow the vote (ACC 1), its AUC the mean probability."""
+    from mmdiag.methods.cmus.fold import run_vote_fold
+
+    probabilities = [[0.40, 0.35, 0.25], [0.40, 0.35, 0.25], [0.05, 0.90, 0.05]]
+    paths = {}
+    for k, (vote, prob) in enumerate(zip([0, 0, 1], probabilities, strict=True)):
+        frame = pd.DataFrame(
+            {
+                "patient_id": ["a", "b", "c"],
+                "fold": 0,
+                "variant": f"m{k}",
+                "y_true": [0, 1, 2],
+                "y_pred": [vote, 1, 2],
+                **{f"prob_{c}": [prob[i], 0.1, 0.1] for i, c in enumerate(CLASSES)},
+            }
+        )
+        frame.loc[1, "prob_MN"] = frame.loc[2, "prob_LN"] = 0.8
+        paths[f"m{k}"] = tmp_path / f"m{k}.tsv"
+        frame.to_csv(paths[f"m{k}"], sep="\t", index=False)
+    settings = {"task": "disease", "variants": {"vote": {"model": "late_vote"}}}
+    rules = {"classes": CLASSES}
+    metrics = run_vote_fold(
+        member_predictions=paths,
+        fold=0,
+        variant="vote",
+        method_settings=settings,
+        manifest_rules=rules,
+        out_dir=tmp_path / "vote",
+    )
+    predictions = pd.read_csv(tmp_path / "vote/predictions.tsv", sep="\t")
+    assert predictions["y_pred"].tolist() == [0, 1, 2]
+    assert predictions.loc[0, ["prob_IgAN", "prob_MN"]].tolist() == pytest.approx(
+        [0.85 / 3, 1.6 / 3]
+    )
+    assert metrics["ACC"] == 1.0 and metrics["F1"] == 1.0  # the arg-max of the mean says MN
+    written = pd.read_csv(tmp_path / "vote/metrics.tsv", sep="\t").set_index("metric")["value"]
+    assert written["ACC"] == 1.0
+
+
 def test_a_cmus_cohort_trains_on_its_own_classes(demo, tmp_path):
     """A cohort's manifest_rules reach CMUS-Net as they reach every method: its classes."""
     import yaml

@@ -12,7 +12,7 @@ from mmdiag.config import ConfigError, load_config, validate_config
 from mmdiag.data.manifest import MANIFEST_COLUMNS, write_manifest
 from mmdiag.features.phenotypes import cluster_patients
 from mmdiag.features.store import write_feature_store
-from mmdiag.methods.csmil.fold import binary_metrics, run_csmil_fold
+from mmdiag.methods.csmil.fold import run_csmil_fold
 from mmdiag.methods.csmil.toy_table import render_toy_markdown, toy_table
 from mmdiag.models import create_model
 
@@ -198,13 +198,26 @@ def test_missing_test_patient_is_an_error_naming_the_split(cohort, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_binary_metrics_known_values():
-    y = np.array([0, 0, 1, 1])
-    p = np.array([0.1, 0.4, 0.35, 0.8])
-    metrics = binary_metrics(y, p)
-    assert metrics["AUC"] == pytest.approx(0.75)
+def test_a_slide_at_exactly_one_half_is_called_positive_and_scored_so():
+    from types import SimpleNamespace
+
+    from mmdiag.methods.csmil.fold import METRICS, slide_predictions
+    from mmdiag.training.fold_outputs import fold_metrics
+
+    test = [
+        SimpleNamespace(patient_id=p, case_id=p, label=y)
+        for p, y in zip("abcd", [0, 0, 1, 1], strict=True)
+    ]
+    means = [0.1, 0.5, 0.35, 0.8]
+    scores = [SimpleNamespace(mean=m, median=m, max=m) for m in means]
+    predictions = slide_predictions(test, scores, 0, "v", CLASSES)
+    assert predictions["y_pred"].tolist() == [0, 1, 0, 1]
+    metrics = fold_metrics(predictions, CLASSES, METRICS)
+    # from y_pred: b (0.5) is a false positive, c a false negative; the arg-max of (0.5, 0.5)
+    # would have called b negative and given ACC 0.75
+    assert metrics["ACC"] == pytest.approx(0.5)
+    assert metrics["AUC"] == pytest.approx(0.75)  # d > a, d > b, c > a; c < b
     assert metrics["AP"] == pytest.approx((1 + 2 / 3) / 2)  # precision at each positive
-    assert metrics["ACC"] == pytest.approx(0.75)
 
 
 def test_toy_table_means_and_best_row():
@@ -259,7 +272,7 @@ def test_standardising_uses_training_statistics_only(cohort):
     def slide(value):
         features = np.full((2, 3, 4), value, dtype=np.float32)
         features[1] += 1.0
-        return Slide("p", 0, features, np.zeros(2, int), np.array(["a", "a"]), np.arange(2))
+        return Slide("p", 0, "a", features, np.zeros(2, int), np.array(["a", "a"]), np.arange(2))
 
     parts = {"train": [slide(0.0), slide(2.0)], "val": [], "test": [slide(100.0)]}
     scaled, mean, std = standardise(parts)
@@ -287,3 +300,32 @@ def test_by_hand_commands_use_the_cohorts_own_manifest_rules(tmp_path):
     result = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "x"), "--cohort", "nope"])
     assert result.exit_code == 1 and "unknown cohort 'nope'" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_the_unit_is_a_slide_or_a_patient_with_its_slides_pooled(cohort, tmp_path):
+    from mmdiag.data.manifest import read_manifest
+    from mmdiag.methods.csmil.data import load_slides
+
+    manifest = read_manifest(cohort["manifest"])
+    # slides i and i + 2 of one patient: same label (the labels alternate)
+    number = manifest["patient_id"].str[1:].astype(int)
+    paired = manifest.assign(patient_id=[f"P{n // 4}{n % 2}" for n in number])
+    paired_path = write_manifest(paired, tmp_path / "paired.tsv")
+    args = (cohort["stores"], cohort["clusters"], "positive")
+    slides = load_slides(paired_path, *args, unit="slide")
+    patients = load_slides(paired_path, *args, unit="patient")
+    assert len(slides) == N_PATIENTS and len(patients) == N_PATIENTS // 2 + 1  # 30 slides, 16
+    pooled = patients["P00"]
+    assert sorted(set(pooled.image_ids)) == ["wsi/T000", "wsi/T002"]
+    np.testing.assert_array_equal(
+        pooled.features,
+        np.concatenate([slides["wsi/T000"].features, slides["wsi/T002"].features]),
+    )
+    assert slides["wsi/T002"].patient_id == "P00" and slides["wsi/T002"].case_id == "wsi/T002"
+    mixed = manifest.assign(patient_id=[f"P{n // 2}" for n in number])  # a negative + a positive
+    mixed_path = write_manifest(mixed, tmp_path / "mixed.tsv")
+    assert len(load_slides(mixed_path, *args, unit="slide")) == N_PATIENTS
+    with pytest.raises(ValueError, match="patient P0: its slides have different labels"):
+        load_slides(mixed_path, *args, unit="patient")
+    with pytest.raises(ValueError, match="unit must be one of"):
+        load_slides(mixed_path, *args, unit="region")

@@ -129,7 +129,18 @@ def toy(request, tmp_path_factory):
     return request.param, root, features
 
 
-def _mean_auc(toy, variant: str) -> float:
+# z of the two-sided bound on a blind model's AUC: chance +- Z_NULL null standard errors
+Z_NULL = 2.0
+
+
+def null_auc_variance(n_pos: int, n_neg: int) -> float:
+    """Variance of the AUC (Mann-Whitney U / n_pos n_neg) of uninformative scores."""
+    return (n_pos + n_neg + 1) / (12 * n_pos * n_neg)
+
+
+def _mean_auc(toy, variant: str) -> tuple[float, float]:
+    """The mean test AUC of ``variant`` over the three splits, and its standard error under
+    the null (folds taken as independent, each with its own numbers of test slides)."""
     kind, root, features = toy
     config = load_config(
         ["config/config.yaml", "config/methods/cmus.yaml", "config/methods/csmil.yaml"]
@@ -137,8 +148,10 @@ def _mean_auc(toy, variant: str) -> float:
     settings = config["methods"]["csmil_micro"]
     settings["train"] |= {"epochs": 40}
     settings["bags"] |= {"test_bags": 5, "val_bags": 2}
-    aucs = [
-        run_csmil_fold(
+    aucs, variances = [], []
+    for fold in range(3):
+        out_dir = root / "runs" / variant / str(fold)
+        metrics = run_csmil_fold(
             manifest_path=root / "manifest.tsv",
             splits_path=root / "splits.json",
             feature_paths=features,
@@ -148,18 +161,35 @@ def _mean_auc(toy, variant: str) -> float:
             method="csmil_micro",
             method_settings=settings,
             classes=CLASSES,
-            out_dir=root / "runs" / variant / str(fold),
-        )["AUC"]
-        for fold in range(3)
+            out_dir=out_dir,
+        )
+        y_true = pd.read_csv(out_dir / "predictions.tsv", sep="\t")["y_true"]
+        n_pos, n_neg = int((y_true == 1).sum()), int((y_true == 0).sum())
+        assert n_pos + n_neg == len(y_true) and n_pos > 0 and n_neg > 0
+        aucs.append(metrics["AUC"])
+        variances.append(null_auc_variance(n_pos, n_neg))
+    return float(np.mean(aucs)), float(np.sqrt(np.sum(variances)) / len(aucs))
+
+
+def test_null_auc_variance_is_the_mann_whitney_null():
+    # all 20 orderings of 3 positives and 3 negatives are equally likely under the null
+    from itertools import combinations
+
+    aucs = [
+        sum(p > n for p in positives for n in set(range(6)) - set(positives)) / 9
+        for positives in combinations(range(6), 3)
     ]
-    return float(np.mean(aucs))
+    assert np.mean(aucs) == pytest.approx(0.5)
+    assert np.var(aucs) == pytest.approx(null_auc_variance(3, 3))
 
 
 def test_csmil_beats_chance_on_both_toy_datasets(toy):
-    assert _mean_auc(toy, "csmil") >= 0.8, toy[0]
+    assert _mean_auc(toy, "csmil")[0] >= 0.8, toy[0]
 
 
 def test_a_single_scale_model_is_blind_to_the_anomaly_it_cannot_see(toy):
     kind = toy[0]
     blind = {"micro": "deepattnmisl_5x", "macro": "deepattnmisl_20x"}[kind]
-    assert 0.2 <= _mean_auc(toy, blind) <= 0.7, kind
+    auc, null_se = _mean_auc(toy, blind)
+    # neither better nor worse than chance beyond Z_NULL standard errors of the null AUC
+    assert abs(auc - 0.5) <= Z_NULL * null_se, (kind, auc, null_se)

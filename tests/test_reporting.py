@@ -97,6 +97,50 @@ def test_prediction_level_tests_use_pooled_predictions():
     assert delong["statistic"] < 0 and delong["mark"] == "*"  # the weak variant is worse
 
 
+def test_a_patient_tested_in_several_splits_counts_once():
+    """Repeated random splits test a patient several times: duplicating every patient over
+    three splits must not shrink the p-values (each appearance is not a new case)."""
+    once = _binary_predictions()
+    fold_all = _fold_all()[lambda t: t["variant"] != "close"]
+    thrice = pd.concat([once.assign(fold=k) for k in range(3)], ignore_index=True)
+    tests = ["delong", "bootstrap", "mcnemar"]
+    single = compare_to_reference(fold_all, once, reference="ref", tests=tests, n_boot=300)
+    repeated = compare_to_reference(fold_all, thrice, reference="ref", tests=tests, n_boot=300)
+    assert (repeated["n"] == 80).all()
+    np.testing.assert_allclose(repeated["p_value"], single["p_value"], rtol=1e-12)
+    np.testing.assert_allclose(repeated["statistic"], single["statistic"], rtol=1e-12)
+    # pooling every appearance as a case, as before, gives a far smaller DeLong p
+    from mmdiag.stats import delong_test
+
+    a, b = (
+        thrice[thrice["variant"] == v].sort_values(["patient_id", "fold"]) for v in ("weak", "ref")
+    )
+    pooled = delong_test(a["y_true"].to_numpy(), a["prob_pos"].to_numpy(), b["prob_pos"].to_numpy())
+    assert pooled.p_value < single["p_value"].iloc[0] / 10
+
+
+def test_per_patient_predictions_average_over_splits():
+    from mmdiag.reporting.compare import per_patient_predictions
+
+    rows = pd.DataFrame(
+        {
+            "patient_id": ["a", "a", "a", "b"],
+            "fold": [0, 1, 2, 1],
+            "variant": "v",
+            "y_true": [1, 1, 1, 0],
+            "y_pred": [1, 0, 0, 0],
+            "prob_neg": [0.2, 0.6, 0.7, 0.9],
+            "prob_pos": [0.8, 0.4, 0.3, 0.1],
+        }
+    )
+    table = per_patient_predictions(rows).set_index("patient_id")
+    assert table.loc["a", "prob_pos"] == pytest.approx(0.5) and table.loc["a", "n_tests"] == 3
+    assert table.loc["a", "y_pred"] == 0  # predicted 0 in two of three splits
+    assert table.loc["b", "n_tests"] == 1 and table.loc["b", "y_pred"] == 0
+    with pytest.raises(ValueError, match="change label"):
+        per_patient_predictions(rows.assign(y_true=[1, 0, 1, 0]))
+
+
 def test_prediction_tests_refuse_mismatched_or_multiclass_predictions():
     predictions = _binary_predictions()
     fold_all = _fold_all()[lambda t: t["variant"] != "close"]

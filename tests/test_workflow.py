@@ -12,6 +12,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS
+from mmdiag.training.fold_outputs import fold_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "envs")
@@ -170,6 +173,12 @@ def test_dag_outputs_are_complete_and_consistent(tiny_run):
         assert sorted(predictions["patient_id"]) == sorted(patients)
         prob = predictions[[f"prob_{c}" for c in CLASSES]]
         assert (prob.sum(axis=1) - 1).abs().max() < 1e-5
+        for k in range(3):  # every variant's metrics follow from its predictions, votes too
+            fold = predictions[predictions["fold"] == k]
+            written = pd.read_csv(results / f"cmus/{variant}/fold_{k}/metrics.tsv", sep="\t")
+            recomputed = fold_metrics(fold, CLASSES, CLASSIFICATION_METRICS)
+            for metric, value in written.set_index("metric")["value"].items():
+                assert value == pytest.approx(recomputed[metric], nan_ok=True), (variant, k)
         fold_dir = results / f"cmus/{variant}/fold_0"
         resolved = yaml.safe_load((fold_dir / "config.yaml").read_text())
         assert resolved["variant"] == variant

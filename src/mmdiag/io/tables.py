@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 #: Columns that hold identifiers: always strings, never numbers.
-ID_COLUMNS = ("patient_id", "image_id", "slide_id", "method", "variant")
+ID_COLUMNS = ("patient_id", "image_id", "slide_id", "case_id", "method", "variant")
 
 
 def read_tsv(path: str | os.PathLike, *, all_strings: bool = False) -> pd.DataFrame:

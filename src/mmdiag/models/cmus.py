@@ -17,6 +17,7 @@ turn NaN; logits are not passed through a ReLU; AUC uses softmax probabilities.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -26,6 +27,8 @@ from torch.nn import functional as F
 
 from mmdiag.models.encoders import create_encoder
 from mmdiag.models.registry import register_model
+
+log = logging.getLogger(__name__)
 
 MODALITIES = ("OM", "IM", "TEM")
 FUSION_ATTENTIONS = ("cmsa", "none", "self", "modality", "bidirectional")
@@ -43,11 +46,36 @@ def checked_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
     return tuple(m for m in MODALITIES if m in modalities)
 
 
+_warned_random_init = False  # the random-initialisation warning is given once per process
+
+
+def warn_if_randomly_initialised(encoder: str, checkpoint: str | None) -> None:
+    """Warn (once per process) that a real timm encoder without ``checkpoint`` starts from
+    random weights; the paper fine-tunes ImageNet-1K weights (Section 4.2). The tiny timm
+    ``test_*`` encoders of the demo and the tests are meant to train from scratch."""
+    global _warned_random_init
+    if checkpoint is not None or encoder.startswith("test_") or _warned_random_init:
+        return
+    _warned_random_init = True
+    log.warning(
+        "CMUS encoder %r has no checkpoint: it starts from random weights, while the paper "
+        "fine-tunes ImageNet-1K weights. For paper numbers set the variant's `checkpoint:` "
+        "to a local ImageNet checkpoint file of %r (.safetensors or a torch state dict); "
+        "nothing is downloaded.",
+        encoder,
+        encoder,
+    )
+
+
 def modality_encoders(
     encoder: str, modalities: Sequence[str], checkpoint: str | None
 ) -> nn.ModuleDict:
     """One unshared timm encoder per modality (E_OM, E_IM, E_TEM)."""
-    return nn.ModuleDict({m: create_encoder(encoder, checkpoint=checkpoint) for m in modalities})
+    encoders = nn.ModuleDict(
+        {m: create_encoder(encoder, checkpoint=checkpoint) for m in modalities}
+    )
+    warn_if_randomly_initialised(encoder, checkpoint)
+    return encoders
 
 
 def bag_mean(features: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor:
@@ -235,6 +263,8 @@ class CMUSNet(nn.Module):
         self.smil, self.smil_threshold = smil, smil_threshold
         self.fusion_attention = fusion_attention
         self.weighted_loss = weighted_loss
+        # eq. 15's weights of the modalities used, as configured (the paper's by default): a
+        # unimodal or bimodal variant keeps them as they are, not renormalised to sum to 1
         self.loss_weights = {m: float(loss_weights.get(m, 0.0)) for m in self.modalities}
         self.encoders = modality_encoders(encoder, self.modalities, checkpoint)
         dim = self.encoders[self.modalities[0]].num_features
@@ -318,6 +348,9 @@ class CMUSNet(nn.Module):
         """Total loss (eq. 15 with weighted loss on, eq. 13 alone off) and the fusion logits.
 
         Multi-class cross-entropy stands for the binary form the paper writes (eqs. 13-14).
+        Unimodal and bimodal variants keep the auxiliary head losses of the modalities they
+        use with their eq. 15 weights (the paper's by default, e.g. IM + TEM: 0.5 and 0.2),
+        which are not renormalised to sum to one; the fusion loss keeps weight 1.
         """
         pooled = self.forward_features(batch)
         logits = self.forward_head(pooled)

@@ -6,6 +6,12 @@ The test is set per method in its config (``stats.test``):
   AUCs with a paired t-test);
 - ``delong`` / ``bootstrap``: on the test predictions pooled over folds, binary tasks (CS-MIL);
 - ``mcnemar``: on the pooled per-patient correctness (DeepGuide).
+
+Prediction-level tests count each patient once. Under k-fold CV a patient is tested once;
+under repeated random splits its test sets overlap (at paper scale a patient is in about 3 of
+10), and treating each appearance as an independent case would make p too small. So a
+patient tested in several splits enters with the mean of its class probabilities over those
+splits, and with its most frequent predicted class (ties: the larger mean probability).
 """
 
 from __future__ import annotations
@@ -88,17 +94,46 @@ def _fold_test(fold_all, variant, reference, test, metric) -> dict:
     return {"metric": metric, "n": len(a), "statistic": statistic, "p_value": result.p_value}
 
 
+def per_patient_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
+    """One row per patient of one variant's predictions over all folds or repeated splits.
+
+    The probabilities are the patient's mean over the splits it was tested in, ``y_pred`` its
+    most frequent predicted class (ties: the class of the larger mean probability), ``n_tests``
+    the number of splits; ``ValueError`` when a patient's ``y_true`` differs between splits.
+    """
+    prob_columns = [c for c in predictions.columns if c.startswith("prob_")]
+    grouped = predictions.groupby("patient_id", sort=True)
+    labels = grouped["y_true"].nunique()
+    if (labels > 1).any():
+        raise ValueError(f"patients {list(labels[labels > 1].index[:5])} change label across folds")
+    table = grouped[prob_columns].mean()
+    table["y_true"] = grouped["y_true"].first()
+    table["n_tests"] = grouped.size()
+    table["y_pred"] = [
+        _most_frequent(rows["y_pred"].to_numpy(), table.loc[patient, prob_columns].to_numpy())
+        for patient, rows in grouped
+    ]
+    return table.reset_index()
+
+
+def _most_frequent(predicted: np.ndarray, mean_prob: np.ndarray) -> int:
+    counts = np.bincount(predicted, minlength=len(mean_prob))
+    tied = counts == counts.max()
+    return int(np.where(tied, mean_prob, -np.inf).argmax())
+
+
 def _paired_predictions(predictions, variant, reference) -> pd.DataFrame:
-    """The two variants' predictions joined on (patient, fold), each patient exactly once."""
-    keys = ["patient_id", "fold"]
-    a = predictions[predictions["variant"] == variant]
-    b = predictions[predictions["variant"] == reference]
-    joined = a.merge(b, on=keys, suffixes=("_a", "_b"), validate="one_to_one")
+    """The two variants' per-patient predictions (:func:`per_patient_predictions`), joined."""
+    a = per_patient_predictions(predictions[predictions["variant"] == variant])
+    b = per_patient_predictions(predictions[predictions["variant"] == reference])
+    joined = a.merge(b, on="patient_id", suffixes=("_a", "_b"), validate="one_to_one")
     if len(joined) != len(a) or len(joined) != len(b):
         raise ValueError(
-            f"predictions of {variant!r} ({len(a)} rows) and {reference!r} ({len(b)} rows) "
-            "do not cover the same patients and folds"
+            f"predictions of {variant!r} ({len(a)} patients) and {reference!r} "
+            f"({len(b)} patients) do not cover the same patients"
         )
+    if (joined["n_tests_a"] != joined["n_tests_b"]).any():
+        raise ValueError(f"{variant!r} and {reference!r} tested patients in different splits")
     if (joined["y_true_a"] != joined["y_true_b"]).any():
         raise ValueError(f"predictions of {variant!r} and {reference!r} disagree on y_true")
     return joined

@@ -76,13 +76,25 @@ def _table_cells(
     return header, rows
 
 
+#: How each test reads the results, for the footnote.
+TEST_READINGS = {
+    "paired_ttest": "paired t-test of the per-fold values",
+    "wilcoxon": "Wilcoxon signed-rank test of the per-fold values",
+    "delong": "DeLong test on the pooled test predictions, each patient once (a patient tested "
+    "in several splits with its mean probability)",
+    "bootstrap": "stratified bootstrap of the AUC difference on the pooled test predictions, "
+    "each patient once (a patient tested in several splits with its mean probability)",
+    "mcnemar": "McNemar test of the per-patient correctness, each patient once",
+}
+
+
 def footnote(*, test: str, n_folds: int, scale: float) -> str:
     """What the numbers are, in one sentence for under the table."""
     unit = " in %" if scale == 100 else ""
+    reading = TEST_READINGS.get(test, test.replace("_", " "))
     return (
         f"Mean ± sample standard deviation (ddof = 1) over {n_folds} folds{unit}; best in bold. "
-        f"p-value: {test.replace('_', ' ')} against the row marked Ref.; * p < 0.05, "
-        "N.S. not significant."
+        f"p-value: {reading} against the row marked Ref.; * p < 0.05, N.S. not significant."
     )
 
 

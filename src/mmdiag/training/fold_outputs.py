@@ -84,6 +84,29 @@ def predictions_frame(
     return frame
 
 
+def fold_metrics(
+    predictions: pd.DataFrame, classes: Sequence[str], names: Sequence[str]
+) -> dict[str, float]:
+    """The metrics ``names`` of a fold, from its ``predictions.tsv`` rows, for every variant
+    the same way: label metrics (ACC, PRE, ...) from ``y_pred``, AUC and AP from the
+    ``prob_<class>`` columns, the C-index from ``time``, ``event`` and ``risk``.
+
+    So ``metrics.tsv`` can always be recomputed from ``predictions.tsv``, whether ``y_pred`` is
+    the arg-max of the probabilities, a majority vote or a threshold.
+    """
+    from mmdiag.evaluation.metrics import compute_metrics
+
+    survival = {c: predictions[c].to_numpy() for c in SURVIVAL_COLUMNS if c in predictions}
+    return compute_metrics(
+        names,
+        predictions["y_true"].to_numpy(),
+        prob=predictions[[f"prob_{c}" for c in classes]].to_numpy(),
+        y_pred=predictions["y_pred"].to_numpy(),
+        n_classes=len(classes),
+        **survival,
+    )
+
+
 def provenance(
     *,
     method: str,

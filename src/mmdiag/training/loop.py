@@ -55,6 +55,7 @@ class TrainSettings:
     weight_decay: float
     seed: int = 0
     device: str = "auto"
+    amsgrad: bool = False  # Adam's AMSGrad variant (the CMUS-Net authors' code uses it)
 
 
 def single_process(device: torch.device) -> DistContext:
@@ -222,7 +223,10 @@ def train_model(
     use_global_batch_dropout(model, torch.Generator().manual_seed(settings.seed + 1))
     model = sync_batchnorm(model, context).to(context.device)
     optimiser = torch.optim.Adam(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        model.parameters(),
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        amsgrad=settings.amsgrad,
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimiser, T_max=settings.epochs, eta_min=settings.lr_min

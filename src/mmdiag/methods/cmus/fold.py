@@ -22,13 +22,18 @@ import pandas as pd
 import torch
 
 from mmdiag.data.splits import load_fold
-from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS, compute_metrics
+from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS
 from mmdiag.io import read_tsv
 from mmdiag.methods.cmus.data import batch_collator, patient_loader, uses_crops
 from mmdiag.methods.cmus.settings import model_arguments, task_classes, train_settings_of
 from mmdiag.models import create_model
 from mmdiag.training.distributed import DistContext, init_distributed, shutdown
-from mmdiag.training.fold_outputs import predictions_frame, provenance, write_fold_folder
+from mmdiag.training.fold_outputs import (
+    fold_metrics,
+    predictions_frame,
+    provenance,
+    write_fold_folder,
+)
 from mmdiag.training.loop import predict_proba, train_model
 
 log = logging.getLogger(__name__)
@@ -132,7 +137,7 @@ def _train_and_write_fold(
         prob=prob.numpy(),
         classes=classes,
     )
-    metrics = fold_metrics(predictions, classes)
+    metrics = fold_metrics(predictions, classes, METRICS)
     if not context.is_main:
         return metrics
     inputs = {"manifest": manifest_path, "splits": splits_path}
@@ -176,9 +181,9 @@ def majority_vote(
 ) -> pd.DataFrame:
     """Late fusion of unimodal models (Fig. 5): majority vote of their predicted classes.
 
-    The probabilities are the members' mean (they give the AUC); a patient whose members all
-    disagree takes the class of the highest mean probability. Members must cover the same
-    patients with the same labels.
+    The vote is ``y_pred`` (it gives ACC, PRE, REC, SPE and F1); the probabilities are the
+    members' mean (they give the AUC); a patient whose members all disagree takes the class of
+    the highest mean probability. Members must cover the same patients with the same labels.
     """
     prob_columns = [f"prob_{c}" for c in classes]
     key = ["patient_id", "fold"]
@@ -221,7 +226,7 @@ def run_vote_fold(
         classes=classes,
         y_pred=voted["y_pred"].to_numpy(),
     )
-    metrics = fold_metrics(predictions, classes)
+    metrics = fold_metrics(predictions, classes, METRICS)
     resolved = provenance(
         method=method,
         variant=variant,
@@ -243,14 +248,6 @@ def run_vote_fold(
         _metrics_text(metrics),
     )
     return metrics
-
-
-def fold_metrics(predictions: pd.DataFrame, classes: Sequence[str]) -> dict[str, float]:
-    """CMUS-Net's metrics of a fold's predictions (from the class probabilities)."""
-    prob = predictions[[f"prob_{c}" for c in classes]].to_numpy()
-    return compute_metrics(
-        METRICS, predictions["y_true"].to_numpy(), prob=prob, n_classes=len(classes)
-    )
 
 
 def _metrics_text(metrics: Mapping[str, float]) -> str:

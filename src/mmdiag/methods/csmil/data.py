@@ -1,7 +1,9 @@
 """CS-MIL's material per patient: every patch's features at every scale, and its cluster.
 
-A patient's slides are pooled into one :class:`Slide` (the paper's bag material). Features may
-be z-scored with the training split's statistics (:func:`standardise`).
+The unit of prediction is a slide (the paper: "every WSI is treated as a bag", slide-wise
+labels) or, as a config choice, a patient whose slides are pooled into one bag; either way a
+:class:`Slide` holds one unit's bag material. Features may be z-scored with the training
+split's statistics (:func:`standardise`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from mmdiag.data.manifest import read_manifest
 from mmdiag.features.store import open_feature_store
 from mmdiag.io import read_tsv
 
+UNITS = ("slide", "patient")
+
 
 @dataclass(frozen=True)
 class Slide:
@@ -23,6 +27,7 @@ class Slide:
 
     patient_id: str
     label: int
+    case_id: str  # the slide's image_id, or the patient id when a patient's slides are pooled
     features: np.ndarray  # float32 (n_patches, S, D)
     clusters: np.ndarray  # int (n_patches,)
     image_ids: np.ndarray  # str (n_patches,): the slide of each patch
@@ -36,15 +41,22 @@ def load_slides(
     positive_class: str,
     *,
     cluster_column: str = "cluster",
+    unit: str = "slide",
 ) -> dict[str, Slide]:
-    """Every patient with a feature store, keyed by patient id (a patient's slides pooled);
-    the label is 1 for ``positive_class``."""
+    """Every slide with a feature store (``unit="slide"``), or every patient with its slides
+    pooled (``"patient"``), keyed by case id; the label is 1 for ``positive_class``.
+
+    ``ValueError`` when a patient's slides disagree on the label and ``unit`` is patient.
+    """
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {list(UNITS)}, got {unit!r}")
     manifest = read_manifest(manifest_path)
     wsi = manifest[manifest["modality"] == "WSI"].set_index("image_id")
     clusters = read_tsv(clusters_path)
     if cluster_column not in clusters.columns:
         raise ValueError(f"{clusters_path}: no column {cluster_column!r}")
-    by_patient: dict[str, list] = {}
+    by_case: dict[str, list] = {}
+    patients: dict[str, str] = {}
     for path in feature_paths:
         store = open_feature_store(path)
         if store.image_id not in wsi.index:
@@ -59,13 +71,22 @@ def load_slides(
             )
         patient = str(wsi.loc[store.image_id, "patient_id"])
         label = int(wsi.loc[store.image_id, "disease"] == positive_class)
-        by_patient.setdefault(patient, []).append((store, rows[cluster_column].to_numpy(), label))
-    return {patient: _pool(patient, parts) for patient, parts in sorted(by_patient.items())}
+        case = store.image_id if unit == "slide" else patient
+        by_case.setdefault(case, []).append((store, rows[cluster_column].to_numpy(), label))
+        patients[case] = patient
+    return {case: _pool(case, patients[case], parts) for case, parts in sorted(by_case.items())}
 
 
-def _pool(patient: str, parts: list) -> Slide:
+def _pool(case: str, patient: str, parts: list) -> Slide:
+    """One case's bag material: its slides' patches concatenated (one slide for unit slide)."""
+    if len({label for _, _, label in parts}) > 1:
+        raise ValueError(
+            f"patient {patient}: its slides have different labels; predict per slide "
+            "(unit: slide) or give its slides one label"
+        )
     return Slide(
         patient_id=patient,
+        case_id=case,
         label=parts[0][2],
         features=np.concatenate([store.features for store, _, _ in parts]),
         clusters=np.concatenate([clusters for _, clusters, _ in parts]).astype(np.int64),

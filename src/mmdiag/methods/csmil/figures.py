@@ -234,8 +234,9 @@ def write_csmil_figures(
     settings = method_settings["attention"]
     fold_dir = results_dir / reference / f"fold_{settings['fold']}"
     attention = read_tsv(fold_dir / "attention.tsv")
-    truth = predictions[predictions["variant"] == reference].drop_duplicates("patient_id")
-    attention["label"] = attention["patient_id"].map(truth.set_index("patient_id")["y_true"])
+    truth = predictions[predictions["variant"] == reference].drop_duplicates("case_id")
+    case = attention["image_id"] if method_settings["unit"] == "slide" else attention["patient_id"]
+    attention["label"] = case.map(truth.set_index("case_id")["y_true"])
     scales = open_feature_store(next(feature_dir.rglob("*.zarr"))).scales
     if any(c.startswith("scale_attention_") for c in attention.columns):
         written.append(

@@ -27,12 +27,17 @@ import torch
 from torch import nn
 
 from mmdiag.data.splits import load_fold
-from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS, compute_metrics
+from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS
 from mmdiag.methods.csmil.bags import aggregate_bag_probabilities, collate_bags, sample_bags
 from mmdiag.methods.csmil.data import Slide, load_slides, standardise
 from mmdiag.methods.csmil.settings import binary_classes, cluster_column, stratified_bags
 from mmdiag.models import create_model
-from mmdiag.training.fold_outputs import predictions_frame, provenance, write_fold_folder
+from mmdiag.training.fold_outputs import (
+    fold_metrics,
+    predictions_frame,
+    provenance,
+    write_fold_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -177,12 +182,6 @@ def patch_attention(slide: Slide, bags, attention: Mapping[str, np.ndarray]) -> 
     return frame
 
 
-def binary_metrics(y_true: np.ndarray, prob_positive: np.ndarray) -> dict[str, float]:
-    """ACC, AUC, PRE, REC, SPE, F1 (macro, as every method) and AP of the positive class."""
-    prob = np.column_stack([1 - prob_positive, prob_positive])
-    return compute_metrics(METRICS, y_true, prob=prob, n_classes=2)
-
-
 def run_csmil_fold(
     *,
     manifest_path: Path,
@@ -207,6 +206,7 @@ def run_csmil_fold(
         clusters_path,
         method_settings["positive_class"],
         cluster_column=cluster_column(spec),
+        unit=method_settings["unit"],
     )
     parts = _split_parts(splits_path, fold, slides)
     scaling = None
@@ -225,9 +225,7 @@ def run_csmil_fold(
         model, parts["test"], method_settings, rng, stratified=stratified
     )
     predictions = slide_predictions(parts["test"], scores, fold, variant, classes)
-    metrics = binary_metrics(
-        predictions["y_true"].to_numpy(), predictions[f"prob_{classes[1]}"].to_numpy()
-    )
+    metrics = fold_metrics(predictions, classes, METRICS)
     resolved = provenance(
         method=method,
         variant=variant,
@@ -265,22 +263,29 @@ def run_csmil_fold(
 
 
 def _split_parts(splits_path: Path, fold: int, slides: Mapping[str, Slide]):
-    """The split's train/val/test patients as slides (validation patients may lack one)."""
+    """The cases (slides, or pooled patients) of the split's train/val/test patients, in the
+    split's patient order (validation patients may lack a slide)."""
     split = load_fold(splits_path, fold)
+    cases_of: dict[str, list[Slide]] = {}
+    for slide in slides.values():
+        cases_of.setdefault(slide.patient_id, []).append(slide)
     parts = {}
     for part in ("train", "val", "test"):
         patients = split.get(part, [])
-        missing = [p for p in patients if p not in slides]
+        missing = [p for p in patients if p not in cases_of]
         if missing and part != "val":
             raise ValueError(f"{splits_path}: {part} patients {missing[:5]} have no feature store")
-        parts[part] = [slides[p] for p in patients if p in slides]
+        parts[part] = [case for p in patients for case in cases_of.get(p, [])]
     return parts
 
 
 def slide_predictions(test, scores, fold: int, variant: str, classes) -> pd.DataFrame:
-    """One row per test slide: the mean-bag probability, and the median and max bag scores.
+    """One row per test case (slide, or pooled patient; ``case_id``): the mean-bag
+    probability, and the median and max bag scores.
 
-    ``y_pred`` is 1 where the mean probability reaches 0.5.
+    Threshold convention: ``y_pred`` is the positive class where its mean probability is at
+    least 0.5 (a slide at exactly 0.5 is called positive); ACC, PRE, REC, SPE and F1 are
+    computed from it, AUC and AP from the probability.
     """
     mean = np.array([s.mean for s in scores])
     return predictions_frame(
@@ -291,5 +296,9 @@ def slide_predictions(test, scores, fold: int, variant: str, classes) -> pd.Data
         prob=np.column_stack([1 - mean, mean]),
         classes=classes,
         y_pred=(mean >= 0.5).astype(int),
-        extra={"score_median": [s.median for s in scores], "score_max": [s.max for s in scores]},
+        extra={
+            "case_id": [s.case_id for s in test],
+            "score_median": [s.median for s in scores],
+            "score_max": [s.max for s in scores],
+        },
     )

@@ -1,0 +1,281 @@
+"""The paper configs (config/paper/*.yaml) hold the settings each paper states.
+
+Each paper config is merged over the demo files, as Snakemake's ``--configfile`` does. The
+comments name the paper's section or table that states each value.
+"""
+
+import copy
+import logging
+import math
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from torch import nn
+
+from mmdiag.config import load_config, validate_config
+from mmdiag.methods.cmus.settings import train_settings_of
+from mmdiag.models import cmus as cmus_models
+from mmdiag.models.cmus import CMUSConcat, CMUSNet
+from mmdiag.training.loop import TrainSettings, train_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = [
+    ROOT / "config/config.yaml",
+    ROOT / "config/methods/cmus.yaml",
+    ROOT / "config/methods/csmil.yaml",
+]
+PAPER = ROOT / "config/paper"
+CSMIL_METHODS = ("csmil", "csmil_tcga", "csmil_micro", "csmil_macro")
+CMUS_METHODS = ("cmus", "cmus_staging")
+SWIN_B = "swin_base_patch4_window7_224"
+
+
+@pytest.fixture(scope="module")
+def csmil_paper():
+    return load_config([*DEMO, PAPER / "csmil.yaml"])
+
+
+@pytest.fixture(scope="module")
+def cmus_paper():
+    return load_config([*DEMO, PAPER / "cmus.yaml"])
+
+
+@pytest.mark.parametrize("path", sorted(PAPER.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_paper_config_validates_over_the_demo(path):
+    assert load_config([*DEMO, path])["methods"]
+
+
+# --------------------------------------------------------------------------- CS-MIL
+
+
+def test_csmil_paper_feeds_raw_features(csmil_paper):
+    # Sec. 3.1 / 4.2: the MIL heads take the SimSiam embeddings as they are (no z-scoring);
+    # the demo's standardisation must not leak into the paper runs.
+    for method in CSMIL_METHODS:
+        assert csmil_paper["methods"][method]["standardise_features"] is False, method
+
+
+def test_csmil_paper_bags_and_training(csmil_paper):
+    methods = csmil_paper["methods"]
+    # Sec. 4.2 (CD): "100 image bags were randomly generated, each with a size of 8"
+    assert (methods["csmil"]["bags"]["size"], methods["csmil"]["bags"]["test_bags"]) == (8, 100)
+    # Sec. 4.2 (TCGA-GBMLGG): "500 image bags of size 32 were randomly generated for each WSI"
+    tcga = methods["csmil_tcga"]["bags"]
+    assert (tcga["size"], tcga["test_bags"]) == (32, 500)
+    # Sec. 5.3 (toy datasets): "image bags with a size of 8"
+    assert methods["csmil_micro"]["bags"]["size"] == methods["csmil_macro"]["bags"]["size"] == 8
+    for method in CSMIL_METHODS:
+        train = methods[method]["train"]
+        # Sec. 4.2: "trained in 100 epochs in total"; hyper-parameters "consistent with those
+        # of DeepAttnMISL": Adam, lr 5e-4, weight decay 1e-4 (the authors' code)
+        assert train["epochs"] == 100, method
+        assert (train["lr"], train["weight_decay"]) == (5e-4, 1e-4), method
+
+
+def test_csmil_paper_features_and_splits(csmil_paper):
+    # Sec. 4.2: k-means "with a class number of 8"
+    assert csmil_paper["features"]["n_clusters"] == 8
+    # Sec. 4.2: SimSiam, ResNet-50 backbone, 200 epochs, batch size 128, 2048-channel embeddings
+    ssl = csmil_paper["ssl"]
+    assert (ssl["backbone"], ssl["epochs"], ssl["batch_size"], ssl["dim"]) == (
+        "resnet50",
+        200,
+        128,
+        2048,
+    )
+    # Sec. 4.2: 256 x 256 patches at 20x (0.5 microns per pixel), 10x and 5x
+    patching = csmil_paper["patching"]
+    assert (patching["patch_px"], patching["base_mpp"], patching["context_factors"]) == (
+        256,
+        0.5,
+        [2, 4],
+    )
+    # Sec. 4.2: CD in 10 data splits; TCGA-GBMLGG split 6:1:3 at the patient level
+    schemes = csmil_paper["splits"]["schemes"]
+    assert schemes[csmil_paper["methods"]["csmil"]["split"]]["n_repeats"] == 10
+    tcga = schemes[csmil_paper["methods"]["csmil_tcga"]["split"]]
+    assert tcga["fractions"] == [0.6, 0.1, 0.3]
+
+
+# --------------------------------------------------------------------------- CMUS-Net
+
+
+def test_cmus_paper_settings(cmus_paper):
+    for method in CMUS_METHODS:
+        settings = cmus_paper["methods"][method]
+        train = settings["train"]
+        # Sec. 4.2: 60 epochs, batch size 4, Adam with lr = weight decay = 5e-5
+        assert (train["epochs"], train["batch_size"]) == (60, 4), method
+        assert train["lr"] == train["weight_decay"] == 5e-5, method
+        assert train["amsgrad"] is False, method  # the paper says Adam
+        # Sec. 4.2: cosine annealing (the loop anneals from lr to lr_min)
+        assert 0 <= train["lr_min"] < train["lr"], method
+        # Sec. 4.2: resized to 224 x 224; Sec. 4.1: TEM 2048 x 2048 -> 2048 x 1940 (108 rows)
+        assert settings["preprocess"]["image_size_px"] == 224, method
+        assert settings["preprocess"]["tem_legend_px"] == 108, method
+        # Sec. 4.2: five-fold cross-validation, train:test 4:1 (no validation part)
+        scheme = cmus_paper["splits"]["schemes"][settings["split"]]
+        assert (scheme["n_folds"], scheme["val_fraction"]) == (5, 0.0), method
+        reference = settings["variants"][settings["reference"]]
+        # Eq. 15 and Sec. 5.1.6: alpha (OM) 0.3, beta (IM) 0.5, gamma (TEM) 0.2
+        assert reference["loss_weights"] == {"OM": 0.3, "IM": 0.5, "TEM": 0.2}, method
+        for name, spec in settings["variants"].items():
+            # Sec. 4.2: "Each encoder of our model uses the SwinT-B"
+            if spec["model"] == "cmus_net":
+                assert spec["encoder"] == SWIN_B, (method, name)
+
+
+def test_cmus_fig3_rows_differ_only_in_the_attention(cmus_paper):
+    # Sec. 5.1.2: the Fig. 3 models "are based on our model but replace the SMIL and CMSA
+    # modules" by another attention (or none); the weighted loss of CMUS-Net stays.
+    cmus = cmus_paper["methods"]["cmus"]
+    rows = cmus["tables"]["fig3"]["rows"]
+    reference = cmus["tables"]["fig3"]["reference"] or cmus["reference"]
+    variants = {row: cmus["variants"][row] for row in rows}
+    alternatives = [row for row in rows if row != reference]
+    assert len(alternatives) == 4
+    attentions = {variants[row]["fusion_attention"] for row in alternatives}
+    assert attentions == {"none", "self", "modality", "bidirectional"}
+    for row in alternatives:
+        spec = variants[row]
+        assert spec["weighted_loss"] and not spec["smil"], row
+        for other in alternatives:
+            differing = {
+                k
+                for k in spec.keys() | variants[other].keys()
+                if spec.get(k) != variants[other].get(k)
+            }
+            assert differing <= {"fusion_attention"}, (row, other, differing)
+    # CMUS-Net itself: SMIL + CMSA in place of the replaced modules, all else the same
+    full = variants[reference]
+    assert full["smil"] and full["fusion_attention"] == "cmsa"
+    without = next(row for row in alternatives if variants[row]["fusion_attention"] == "none")
+    differing = {k for k in full if full[k] != variants[without].get(k)}
+    assert differing == {"smil", "fusion_attention"}
+    assert cmus["tables"]["fig3"]["labels"][without] == "Without attention"
+
+
+def test_cmus_table7_reference_is_im_tem(cmus_paper):
+    staging = cmus_paper["methods"]["cmus_staging"]
+    # Table 7 (MN staging, modality combinations): the Ref. row is IM + TEM (Sec. 6: "our
+    # method performs better with just the IM and TEM modalities")
+    table7 = staging["tables"]["table7"]
+    reference = table7["reference"]
+    assert reference in table7["rows"]
+    assert staging["variants"][reference]["modalities"] == ["IM", "TEM"]
+    every_subset = {c for r in (1, 2, 3) for c in combinations(("OM", "IM", "TEM"), r)}
+    assert {tuple(staging["variants"][v]["modalities"]) for v in table7["rows"]} == every_subset
+    # Table 6: the Ref. row is CMUS-Net with all three modalities
+    table6_reference = staging["tables"]["table6"]["reference"] or staging["reference"]
+    assert staging["variants"][table6_reference]["modalities"] == ["OM", "IM", "TEM"]
+
+
+def test_cmus_paper_variants_name_their_imagenet_checkpoint(cmus_paper):
+    # Sec. 4.2: the encoders start from ImageNet-1K weights; nothing is downloaded, so every
+    # trained variant states `checkpoint:` (null until pointed at a local file)
+    raw = yaml.safe_load((PAPER / "cmus.yaml").read_text())
+    for method in CMUS_METHODS:
+        for name, spec in raw["methods"][method]["variants"].items():
+            if spec["model"] == "late_vote":
+                continue
+            assert "checkpoint" in spec and spec["checkpoint"] is None, (method, name)
+            assert cmus_paper["methods"][method]["variants"][name]["checkpoint"] is None
+
+
+# --------------------------------------------------------------------------- the warning
+
+
+@pytest.fixture
+def fresh_warning(monkeypatch, caplog):
+    """The random-initialisation warning not yet given in this process; its records."""
+    monkeypatch.setattr(cmus_models, "_warned_random_init", False)
+    caplog.set_level(logging.WARNING, logger=cmus_models.__name__)
+    return caplog
+
+
+def _random_init_records(caplog):
+    return [r for r in caplog.records if r.name == cmus_models.__name__]
+
+
+def test_non_test_encoder_without_checkpoint_warns_once(fresh_warning):
+    CMUSNet(encoder="resnet18", modalities=["OM"], hidden_dim=8)
+    CMUSConcat(encoder="resnet18", modalities=["IM"], hidden_dim=8)
+    records = _random_init_records(fresh_warning)
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    message = records[0].getMessage()
+    assert "resnet18" in message and "random" in message
+    assert "ImageNet" in message and "checkpoint:" in message
+
+
+def test_test_encoder_or_checkpoint_gives_no_warning(fresh_warning, tmp_path):
+    CMUSNet(encoder="test_resnet", hidden_dim=8)
+    CMUSConcat(encoder="test_resnet", modalities=["TEM"], hidden_dim=8)
+    weights = tmp_path / "resnet18.pt"
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), weights)
+    CMUSConcat(encoder="resnet18", modalities=["OM"], hidden_dim=8, checkpoint=str(weights))
+    assert _random_init_records(fresh_warning) == []
+
+
+# --------------------------------------------------------------------------- amsgrad
+
+
+class _Sample:
+    def __init__(self, x: torch.Tensor, label: int) -> None:
+        self.x, self.label = x, label
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 3)
+
+    def forward(self, batch):
+        return self.layer(batch["x"])
+
+
+def _collate(samples, generators):
+    return {
+        "x": torch.stack([s.x for s in samples]),
+        "label": torch.tensor([s.label for s in samples]),
+    }
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_amsgrad_reaches_the_optimiser(monkeypatch, amsgrad):
+    created = []
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    generator = torch.Generator().manual_seed(0)
+    samples = [_Sample(torch.randn(4, generator=generator), i % 3) for i in range(6)]
+    settings = TrainSettings(
+        epochs=2,
+        batch_size=3,
+        lr=1e-2,
+        lr_min=1e-3,
+        weight_decay=0.0,
+        device="cpu",
+        amsgrad=amsgrad,
+    )
+    torch.manual_seed(0)
+    history = train_model(_Linear(), samples, _collate, settings)
+    assert len(created) == 1 and created[0].param_groups[0]["amsgrad"] is amsgrad
+    # cosine annealing over the epochs (CMUS-Net Sec. 4.2): halfway after one of two epochs
+    assert history[0]["lr"] == pytest.approx(1e-2)
+    assert history[1]["lr"] == pytest.approx(1e-3 + (1e-2 - 1e-3) * (1 + math.cos(math.pi / 2)) / 2)
+
+
+def test_amsgrad_goes_from_the_config_to_the_train_settings(cmus_paper):
+    cmus = cmus_paper["methods"]["cmus"]
+    assert train_settings_of(cmus, "cmus_net").amsgrad is False
+    edited = copy.deepcopy(cmus_paper)
+    edited["methods"]["cmus"]["train"]["amsgrad"] = True
+    assert train_settings_of(validate_config(edited)["methods"]["cmus"], "cmus_net").amsgrad
