@@ -88,7 +88,7 @@ def test_partial_config_gets_schema_defaults(demo_config):
         (
             lambda c: c["splits"]["schemes"]["kfold5"].update(type="loo"),
             "splits.schemes.kfold5.type: 'loo' is not allowed; "
-            "allowed values: ['kfold', 'holdout', 'repeated']",
+            "allowed values: ['kfold', 'holdout', 'repeated', 'predefined']",
         ),
         (
             lambda c: c["methods"]["cmus"].update(cohort="nowhere"),

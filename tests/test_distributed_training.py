@@ -92,6 +92,25 @@ def test_global_batch_dropout_cuts_the_same_mask_for_every_share():
     assert torch.equal(dropout.eval()(x), x)
 
 
+def test_cpu_batch_norm_sync_keeps_frozen_layers_frozen():
+    """A replaced batch norm keeps its parameters' ``requires_grad`` and a frozen layer's
+    evaluation mode (no process group is needed to replace layers)."""
+    from mmdiag.training.distributed import CrossRankBatchNorm, DistContext, sync_batchnorm
+    from mmdiag.training.stages import freeze
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    )
+    freeze(model[1])
+    model[2].bias.requires_grad_(False)
+    context = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    synced = sync_batchnorm(model, context).train()
+    assert all(isinstance(synced[i], CrossRankBatchNorm) for i in (1, 2))
+    assert not synced[1].training and synced[2].training
+    assert not synced[1].weight.requires_grad and not synced[1].bias.requires_grad
+    assert synced[2].weight.requires_grad and not synced[2].bias.requires_grad
+
+
 def _collate_float64(samples, generators):
     batch = collate_patients(samples, mean=MEAN, std=STD, augment_generator=generators)
     return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}

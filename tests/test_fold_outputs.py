@@ -78,3 +78,55 @@ def test_provenance_checksums_every_input(tmp_path):
     assert sha256_path(tmp_path / "stores") == before
     (store / "features" / "c" / "1").write_bytes(b"\x01")
     assert sha256_path(tmp_path / "stores") != before
+
+
+def test_multitask_metrics_per_task_leave_out_unlabelled_cases():
+    from sklearn.metrics import accuracy_score, cohen_kappa_score, roc_auc_score
+
+    from mmdiag.data import Task
+    from mmdiag.training.fold_outputs import multitask_fold_metrics, multitask_predictions
+
+    grade = Task("grade", "grade", ("G1", "G2", "G3"), ordinal=True)
+    tumour = Task("tumour", "tumour", ("no", "yes"))
+    rng = np.random.default_rng(0)
+    ids = [f"P{i}" for i in range(12)]
+    grade_prob = rng.dirichlet(np.ones(3), 12)
+    grade_true = np.array([0, 1, 2, 2, 1, 0, 0, 1, 2, 1, 0, 2])
+    tumour_prob = rng.dirichlet(np.ones(2), 12)
+    tumour_true = np.array([0, 1, -1, 1, 0, 1, -1, 0, 1, 0, 1, 0])  # two unlabelled cases
+    predictions = multitask_predictions(
+        {
+            "grade": predictions_frame(
+                ids, fold=0, variant="v", y_true=grade_true, prob=grade_prob, classes=grade.classes
+            ),
+            "tumour": predictions_frame(
+                ids,
+                fold=0,
+                variant="v",
+                y_true=tumour_true,
+                prob=tumour_prob,
+                classes=("no", "yes"),
+            ),
+        }
+    )
+    assert list(predictions.columns[:6]) == [
+        "patient_id",
+        "fold",
+        "variant",
+        "task",
+        "y_true",
+        "y_pred",
+    ]
+    assert predictions["prob_G1"].isna().sum() == 12  # tumour rows have no grade classes
+    metrics = multitask_fold_metrics(predictions, [grade, tumour])
+    assert metrics["grade/QWK"] == pytest.approx(
+        cohen_kappa_score(grade_true, grade_prob.argmax(1), weights="quadratic")
+    )
+    assert "tumour/QWK" not in metrics
+    labelled = tumour_true >= 0
+    assert metrics["tumour/ACC"] == pytest.approx(
+        accuracy_score(tumour_true[labelled], tumour_prob.argmax(1)[labelled])
+    )
+    assert metrics["tumour/AUC"] == pytest.approx(
+        roc_auc_score(tumour_true[labelled], tumour_prob[labelled, 1])
+    )

@@ -204,7 +204,7 @@ def test_make_splits_excludes_empty_labels() -> None:
     (fold,) = splits["folds"]
     assert splits["n_patients"] == len(mn_patients) == 17
     assert set(fold["train"]) | set(fold["val"]) | set(fold["test"]) == mn_patients
-    assert splits["params"] == {"fractions": [0.5, 0.0, 0.5]}
+    assert splits["params"] == {"fractions": [0.5, 0.0, 0.5], "n_seeds": 1}
     assert splits["label"] == "mn_stage"
 
 

@@ -84,6 +84,32 @@ def test_invalid_config_stops_snakemake_with_the_key(tmp_path):
     assert "methods.cmus.task: 'grading' is not allowed" in result.stdout + result.stderr
 
 
+def test_a_predefined_split_table_is_an_input_of_the_splits_rule(tmp_path):
+    """The partition table is tracked: a missing one stops the DAG, naming it; with it the DAG
+    of a method on the predefined split resolves."""
+    copy_workflow(tmp_path)
+    scheme = {"type": "predefined", "path": "my_splits.tsv", "n_seeds": 3}
+    override = {"splits": {"schemes": {"mine": scheme}}, "methods": {"cmus": {"split": "mine"}}}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(override))
+    command = [str(BIN / "snakemake"), "-n", "results/demo/splits/mine.json"]
+    result = _run([*command, "--configfile", "mine.yaml"], tmp_path)
+    assert result.returncode != 0
+    assert "my_splits.tsv" in result.stdout + result.stderr
+
+    rows = [
+        f"P{i:03d}\t{part}\t{repeat}"
+        for repeat in (0, 1)
+        for i, part in enumerate(("train", "test"))
+    ]
+    (tmp_path / "my_splits.tsv").write_text("patient_id\tpart\trepeat\n" + "\n".join(rows) + "\n")
+    result = _run(
+        [str(BIN / "snakemake"), "-n", "results/cmus/fold_all.tsv", "--configfile", "mine.yaml"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "results/demo/splits/mine.json" in result.stdout
+
+
 TINY_VARIANTS = {
     "cmus_net": {"model": "cmus_net", "encoder": "test_resnet"},
     "none": {

@@ -200,6 +200,14 @@ def _cross_reference_problems(config: Mapping) -> Iterable[str]:
             )
         if cohort.get("root") and cohort.get("manifest"):
             yield f"cohorts.{name}: give either `root` or `manifest`, not both"
+    for name, scheme in schemes.items():
+        if scheme["type"] == "predefined" and not scheme.get("path"):
+            yield f"splits.schemes.{name}: a predefined scheme needs `path` (its partition TSV)"
+        if scheme["type"] in ("kfold", "repeated") and scheme.get("n_seeds", 1) != 1:
+            yield (
+                f"splits.schemes.{name}: n_seeds applies to holdout and predefined schemes "
+                f"(a {scheme['type']} scheme already varies its partitions)"
+            )
     for method, settings in config.get("methods", {}).items():
         if settings["cohort"] not in cohorts:
             yield (
@@ -211,8 +219,32 @@ def _cross_reference_problems(config: Mapping) -> Iterable[str]:
                 f"methods.{method}.split: {settings['split']!r} is not a split scheme; "
                 f"allowed values: {sorted(schemes)}"
             )
+        else:
+            yield from _label_problems(method, settings, config, schemes[settings["split"]])
         variants = settings.get("variants", {})
         yield from _variant_problems(method, settings, variants)
+
+
+def _label_problems(method: str, settings: Mapping, config: Mapping, scheme: Mapping):
+    """A method's tasks and its split's stratification label must be label columns of its
+    cohort (``disease``, ``mn_stage`` or one of the cohort's tasks)."""
+    from mmdiag.data.tasks import cohort_tasks
+
+    if settings["cohort"] not in config.get("cohorts", {}):
+        return
+    tasks = cohort_tasks(cohort_manifest_rules(config, settings["cohort"]))
+    columns = {task.column for task in tasks.values()}
+    if scheme.get("label", "disease") not in columns:
+        yield (
+            f"methods.{method}.split: its label {scheme.get('label')!r} is not a label column "
+            f"of cohort {settings['cohort']!r}; allowed values: {sorted(columns)}"
+        )
+    unknown = [name for name in settings.get("tasks") or [] if name not in tasks]
+    if unknown:
+        yield (
+            f"methods.{method}.tasks: {unknown} are not tasks of cohort {settings['cohort']!r}; "
+            f"allowed values: {sorted(tasks)}"
+        )
 
 
 def _variant_problems(method: str, settings: Mapping, variants: Mapping) -> Iterable[str]:

@@ -14,6 +14,7 @@ from mmdiag.config import (
     cohort_manifest_rules,
     validate_config,
 )  # noqa: E402
+from mmdiag.data.splits import scheme_fold_count  # noqa: E402
 from mmdiag.io import read_tsv  # noqa: E402
 from mmdiag.methods import family_module  # noqa: E402
 
@@ -135,12 +136,16 @@ def get_cohort_source_args(wildcards, input):
 
 def n_folds(scheme):
     """Number of folds a split scheme produces."""
-    settings = config["splits"]["schemes"][scheme]
-    return {
-        "kfold": settings["n_folds"],
-        "holdout": 1,
-        "repeated": settings["n_repeats"],
-    }[settings["type"]]
+    return scheme_fold_count(config["splits"]["schemes"][scheme])
+
+
+def get_split_inputs(wildcards):
+    """Inputs of the splits step: the manifest, and a predefined scheme's partition table."""
+    inputs = {"manifest": f"results/{wildcards.cohort}/manifest.tsv"}
+    scheme = config["splits"]["schemes"].get(wildcards.scheme, {})
+    if scheme.get("type") == "predefined":
+        inputs["partition"] = scheme["path"]
+    return inputs
 
 
 def get_method_fold_files(method, name):

@@ -44,7 +44,7 @@ checkpoint manifest:
 
 rule splits:
     input:
-        manifest="results/{cohort}/manifest.tsv",
+        unpack(get_split_inputs),
     output:
         splits="results/{cohort}/splits/{scheme}.json",
     log:

@@ -24,6 +24,12 @@ A cohort is given in one of two ways.
 
 Modality ``MR`` is accepted beside the five above and read like ``CT``.
 
+Further label columns (a grade, a WHO type, ...) are declared as tasks in the config
+(``manifest.tasks``, see :mod:`mmdiag.data.tasks`): each must be a column of ``clinical.tsv``
+(or of the user manifest), its non-empty values among the task's classes (empty only when the
+task is not ``required``); the manifest carries them after :data:`MANIFEST_COLUMNS`, in the
+config's order.
+
 :func:`build_manifest` validates everything it can before it hashes or opens any image, and
 stops at the first kind of problem with a :class:`ManifestError` that lists every instance of
 that kind (up to :data:`MAX_LISTED`), naming the file, the row or patient, and the problem.
@@ -51,6 +57,7 @@ import numpy as np
 import pandas as pd
 
 from mmdiag.data.images import ImageReadError, image_stem, read_image_size
+from mmdiag.data.tasks import BUILT_IN_TASKS, Task, cohort_tasks
 from mmdiag.io.atomic import sha256_file, write_tsv
 from mmdiag.io.tables import read_tsv
 
@@ -109,12 +116,20 @@ class ManifestRules:
         Every patient needs at least one image of each, e.g. ``("OM", "IM", "TEM")``.
     min_image_px
         Per modality, the least allowed ``min(width_px, height_px)`` (CT/MR: in-plane).
+    tasks
+        The cohort's further label columns (beyond ``disease`` and ``mn_stage``).
     """
 
     classes: tuple[str, ...]
     stages: tuple[str, ...] = ()
     required_modalities: tuple[str, ...] = ()
     min_image_px: Mapping[str, int] = field(default_factory=dict)
+    tasks: tuple[Task, ...] = ()
+
+    @property
+    def task_columns(self) -> tuple[str, ...]:
+        """The further label columns, in config order (each once)."""
+        return tuple(dict.fromkeys(task.column for task in self.tasks))
 
     @classmethod
     def from_config(cls, rules: Mapping) -> ManifestRules:
@@ -124,6 +139,9 @@ class ManifestRules:
             stages=tuple(rules["stages"]),
             required_modalities=tuple(rules["required_modalities"]),
             min_image_px=dict(rules["min_image_px"]),
+            tasks=tuple(
+                task for name, task in cohort_tasks(rules).items() if name not in BUILT_IN_TASKS
+            ),
         )
 
 
@@ -167,9 +185,9 @@ def build_manifest(
             f"cohort_root={cohort_root!r}, manifest_tsv={manifest_tsv!r}"
         )
     if cohort_root is not None:
-        images, clinical, source = _load_cohort_folder(Path(cohort_root))
+        images, clinical, source = _load_cohort_folder(Path(cohort_root), rules)
     else:
-        images, clinical, source = _load_user_manifest(Path(manifest_tsv))
+        images, clinical, source = _load_user_manifest(Path(manifest_tsv), rules)
 
     clinical = _parse_clinical(clinical, source["clinical"], rules)
     images = _check_images_table(images, source["images"], source["base"], set(clinical.index))
@@ -182,18 +200,20 @@ def build_manifest(
 
     frame = measured.drop(columns=["error", "row"]).join(clinical, on="patient_id")
     frame = frame.sort_values(["patient_id", "modality", "path"], kind="stable")
-    return _with_dtypes(frame.reset_index(drop=True)[list(MANIFEST_COLUMNS)])
+    columns = [*MANIFEST_COLUMNS, *rules.task_columns]
+    return _with_dtypes(frame.reset_index(drop=True)[columns])
 
 
 def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write a manifest as TSV, atomically (empty stage/survival/event stay empty cells).
 
+    Task label columns beyond :data:`MANIFEST_COLUMNS` are written after them.
     Side effects: creates ``path`` (and its parent folders).
     """
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"manifest frame lacks columns {missing} (has {list(frame.columns)})")
-    return write_tsv(frame[list(MANIFEST_COLUMNS)], path)
+    return write_tsv(frame[_ordered_columns(frame)], path)
 
 
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
@@ -201,12 +221,12 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
 
     Text columns are ``str`` (an empty ``mn_stage`` is ``""``), ``width_px``/``height_px``
     are ``int64``, ``survival_months`` is ``float64`` (NaN when unknown) and ``event`` is the
-    nullable ``Int64``.
+    nullable ``Int64``; task label columns after them are ``str``.
     """
     path = Path(path)
     table = _read_table(path, "manifest", MANIFEST_COLUMNS)
     try:
-        return _with_dtypes(table[list(MANIFEST_COLUMNS)])
+        return _with_dtypes(table[_ordered_columns(table)])
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{path}: manifest has a malformed value: {exc}") from exc
 
@@ -231,11 +251,20 @@ def _read_table(path: Path, what: str, required: Iterable[str]) -> pd.DataFrame:
     return table.map(str.strip)
 
 
-def _load_cohort_folder(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def _ordered_columns(frame: pd.DataFrame) -> list[str]:
+    """The fixed manifest columns, then the task label columns in the frame's order."""
+    return [*MANIFEST_COLUMNS, *(c for c in frame.columns if c not in MANIFEST_COLUMNS)]
+
+
+def _load_cohort_folder(
+    root: Path, rules: ManifestRules
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     if not root.is_dir():
         raise ManifestError(f"{root}: cohort folder not found")
     clinical_path, images_path = root / "clinical.tsv", root / "images.tsv"
-    clinical = _read_table(clinical_path, "clinical", ("patient_id", "disease"))
+    clinical = _read_table(
+        clinical_path, "clinical", ("patient_id", "disease", *rules.task_columns)
+    )
     images = _read_table(images_path, "images", IMAGE_COLUMNS)
     for column in OPTIONAL_LABEL_COLUMNS:
         if column not in clinical.columns:
@@ -255,21 +284,24 @@ def _load_cohort_folder(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     return images, clinical, source
 
 
-def _load_user_manifest(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    table = _read_table(path, "manifest", (*IMAGE_COLUMNS, "disease"))
+def _load_user_manifest(
+    path: Path, rules: ManifestRules
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    table = _read_table(path, "manifest", (*IMAGE_COLUMNS, "disease", *rules.task_columns))
     for column in OPTIONAL_LABEL_COLUMNS:
         if column not in table.columns:
             table[column] = ""
     table["row"] = _row_numbers(table)
     lines = []
     for pid, group in table[table["patient_id"] != ""].groupby("patient_id", sort=True):
-        for column in LABEL_COLUMNS:
+        for column in (*LABEL_COLUMNS, *rules.task_columns):
             values = sorted(set(group[column]))
             if len(values) > 1:
                 lines.append(f"patient {pid!r}: {column} takes values {values}")
     if lines:
         raise ManifestError(_listing(path, "inconsistent labels within a patient", lines))
-    clinical = table.drop_duplicates("patient_id")[["patient_id", *LABEL_COLUMNS, "row"]]
+    label_columns = ["patient_id", *LABEL_COLUMNS, *rules.task_columns, "row"]
+    clinical = table.drop_duplicates("patient_id")[label_columns]
     if "mpp" not in table.columns:
         table["mpp"] = ""
     images = table[[*IMAGE_COLUMNS, "mpp", "row"]]
@@ -312,6 +344,7 @@ def _parse_clinical(clinical: pd.DataFrame, path: Path, rules: ManifestRules) ->
                 f"patient {row.patient_id!r} (row {row.row}): mn_stage {row.mn_stage!r} "
                 f"is not one of the allowed stages {list(rules.stages)} (or empty)"
             )
+    lines += _task_label_problems(clinical, rules.tasks)
     if lines:
         raise ManifestError(_listing(path, "labels outside the allowed values", lines))
 
@@ -331,10 +364,27 @@ def _parse_clinical(clinical: pd.DataFrame, path: Path, rules: ManifestRules) ->
     if lines:
         raise ManifestError(_listing(path, "malformed survival values", lines))
 
-    parsed = clinical[["patient_id", "disease", "mn_stage"]].copy()
+    parsed = clinical[["patient_id", "disease", "mn_stage", *rules.task_columns]].copy()
     parsed["survival_months"] = survival.astype("float64").to_numpy()
     parsed["event"] = event.astype("Int64").to_numpy()
     return parsed.set_index("patient_id")
+
+
+def _task_label_problems(clinical: pd.DataFrame, tasks: Sequence[Task]) -> list[str]:
+    """One line per patient whose task label is not a class of the task (or empty if required)."""
+    lines = []
+    for task in tasks:
+        for pid, row, value in zip(
+            clinical["patient_id"], clinical["row"], clinical[task.column], strict=True
+        ):
+            if value == "" and task.required:
+                lines.append(f"patient {pid!r} (row {row}): {task.column} is empty (required)")
+            elif value != "" and value not in task.classes:
+                lines.append(
+                    f"patient {pid!r} (row {row}): {task.column} {value!r} is not one of the "
+                    f"classes {list(task.classes)} of task {task.name!r}"
+                )
+    return lines
 
 
 def _check_images_table(
@@ -488,7 +538,9 @@ def _measure_images(images: pd.DataFrame, *, progress: bool) -> pd.DataFrame:
 
 def _with_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
     frame = frame.copy()
-    for column in ("patient_id", "modality", "image_id", "path", "sha256", "disease", "mn_stage"):
+    text_columns = ("patient_id", "modality", "image_id", "path", "sha256", "disease", "mn_stage")
+    task_columns = [c for c in frame.columns if c not in MANIFEST_COLUMNS]
+    for column in (*text_columns, *task_columns):
         frame[column] = frame[column].fillna("").astype(str)
     for column in ("width_px", "height_px"):
         frame[column] = pd.to_numeric(frame[column], errors="raise").astype("int64")

@@ -8,6 +8,13 @@ Three schemes, each a list of folds ``{"fold": k, "train": [...], "val": [...], 
   held out for validation.
 - ``holdout``: one stratified train/val/test partition by ``fractions``.
 - ``repeated``: ``n_repeats`` independent holdout partitions.
+- ``predefined``: the user's own partition(s), read from a TSV with columns ``patient_id``,
+  ``part`` (``train``, ``val`` or ``test``) and optionally ``repeat`` (one fold per repeat).
+
+``holdout`` and ``predefined`` take ``n_seeds``: each partition is repeated that many times,
+fold ``r * n_partitions + k`` being partition ``k`` trained with seed index ``r`` (recorded as
+the fold's ``seed_index``; :func:`training_seed` turns it into the trainer's seed), so a method
+can report the mean of several seeds on one fixed split.
 
 Holdout partitions allocate each class exactly: a class of ``n_c`` patients gives
 ``floor(n_c * f)`` patients to each part, and the leftover patients go to the parts with the
@@ -37,16 +44,22 @@ __all__ = [
     "kfold_splits",
     "load_splits",
     "make_splits",
+    "predefined_splits",
+    "read_partition_table",
     "repeated_splits",
+    "scheme_fold_count",
+    "training_seed",
     "write_splits",
 ]
 
-SCHEME_TYPES: tuple[str, ...] = ("kfold", "holdout", "repeated")
+SCHEME_TYPES: tuple[str, ...] = ("kfold", "holdout", "repeated", "predefined")
 _SCHEME_PARAMS: dict[str, tuple[str, ...]] = {
     "kfold": ("n_folds", "val_fraction"),
-    "holdout": ("fractions",),
+    "holdout": ("fractions", "n_seeds"),
     "repeated": ("n_repeats", "fractions"),
+    "predefined": ("path", "n_seeds"),
 }
+PARTS: tuple[str, ...] = ("train", "val", "test")
 _SPLITS_KEYS = ("scheme", "type", "seed", "label", "n_patients", "params", "folds")
 _FRACTION_TOLERANCE = 1e-6
 
@@ -154,6 +167,103 @@ def repeated_splits(
     return folds
 
 
+def read_partition_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A predefined partition TSV: ``patient_id``, ``part`` and optionally ``repeat``.
+
+    Returns the table with ``repeat`` filled with 0 when absent. ``ValueError`` naming the file
+    for a missing file or column, a part other than train/val/test, a repeat that is not a
+    non-negative integer, or a patient listed twice within one repeat.
+    """
+    from mmdiag.io.tables import read_tsv
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: partition table not found")
+    table = read_tsv(path, all_strings=True)
+    missing = [c for c in ("patient_id", "part") if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{path}: partition table lacks columns {missing}; has {list(table.columns)}"
+        )
+    table = table.map(str.strip)
+    if "repeat" not in table.columns:
+        table["repeat"] = "0"
+    bad_parts = sorted(set(table["part"]) - set(PARTS))
+    if bad_parts:
+        raise ValueError(f"{path}: parts {bad_parts} are not among {list(PARTS)}")
+    if not table["repeat"].str.fullmatch(r"\d+").all():
+        bad = sorted(set(table.loc[~table["repeat"].str.fullmatch(r"\d+"), "repeat"]))
+        raise ValueError(f"{path}: repeat values {bad[:20]} are not non-negative integers")
+    table["repeat"] = table["repeat"].astype(int)
+    twice = table[table.duplicated(["repeat", "patient_id"], keep=False)]
+    if len(twice):
+        listed = sorted(set(zip(twice["repeat"], twice["patient_id"], strict=True)))[:20]
+        raise ValueError(f"{path}: patients listed twice within a repeat (repeat, id): {listed}")
+    return table[["patient_id", "part", "repeat"]]
+
+
+def predefined_splits(
+    patient_ids: Sequence[str], table: pd.DataFrame, *, where: str = "partition table"
+) -> list[dict]:
+    """Folds from a partition table (see :func:`read_partition_table`), one per repeat.
+
+    Every patient of ``patient_ids`` must be in every repeat, and the table may name no other
+    patient; the ``ValueError`` names ``where`` and the patients.
+    """
+    ids = sorted(str(p) for p in patient_ids)
+    expected = set(ids)
+    folds = []
+    for position, (repeat, rows) in enumerate(table.groupby("repeat", sort=True)):
+        listed = set(rows["patient_id"])
+        unknown, absent = sorted(listed - expected), sorted(expected - listed)
+        if unknown or absent:
+            raise ValueError(
+                f"{where}, repeat {repeat}: patients not in the cohort (or without the "
+                f"label): {unknown[:20]}; cohort patients missing: {absent[:20]}"
+            )
+        part_of = dict(zip(rows["patient_id"], rows["part"], strict=True))
+        fold = {"fold": position}
+        fold |= {part: sorted(p for p in ids if part_of[p] == part) for part in PARTS}
+        for part in ("train", "test"):
+            if not fold[part]:
+                raise ValueError(f"{where}, repeat {repeat}: the {part} part is empty")
+        folds.append(fold)
+    if not folds:
+        raise ValueError(f"{where}: no rows")
+    return folds
+
+
+def with_seed_repeats(folds: list[dict], n_seeds: int) -> list[dict]:
+    """Each fold ``n_seeds`` times: fold ``r * len(folds) + k`` is fold ``k`` with seed ``r``."""
+    if isinstance(n_seeds, bool) or not isinstance(n_seeds, int | np.integer) or n_seeds < 1:
+        raise ValueError(f"n_seeds must be an integer >= 1, got {n_seeds!r}")
+    if n_seeds == 1:
+        return folds
+    return [
+        {**fold, "fold": r * len(folds) + k, "seed_index": r}
+        for r in range(int(n_seeds))
+        for k, fold in enumerate(folds)
+    ]
+
+
+def scheme_fold_count(scheme: Mapping[str, Any]) -> int:
+    """How many folds a scheme of the config makes (a predefined one reads its table)."""
+    scheme_type = scheme["type"]
+    if scheme_type == "kfold":
+        return int(scheme.get("n_folds", 5))
+    if scheme_type == "repeated":
+        return int(scheme.get("n_repeats", 10))
+    n_partitions = 1
+    if scheme_type == "predefined":
+        n_partitions = read_partition_table(scheme["path"])["repeat"].nunique()
+    return n_partitions * int(scheme.get("n_seeds", 1))
+
+
+def training_seed(fold: Mapping[str, Any], seed: int) -> int:
+    """The trainer's seed for ``fold``: ``seed`` plus the fold's seed index (0 if none)."""
+    return int(seed) + int(fold.get("seed_index", 0))
+
+
 # --------------------------------------------------------------------------- scheme level
 
 
@@ -174,7 +284,8 @@ def make_splits(
     scheme
         ``{"type": "kfold", "n_folds": 5, "val_fraction": 0.0, "label": "disease"}``,
         ``{"type": "holdout", "fractions": [0.6, 0.1, 0.3], "label": "disease"}`` or
-        ``{"type": "repeated", "n_repeats": 10, "fractions": [0.6, 0.1, 0.3], ...}``.
+        ``{"type": "repeated", "n_repeats": 10, "fractions": [0.6, 0.1, 0.3], ...}`` or
+        ``{"type": "predefined", "path": "splits.tsv", "n_seeds": 3}``.
     seed
         Seed of every random choice.
 
@@ -230,8 +341,19 @@ def make_splits(
         }
         folds = kfold_splits(ids, y, seed=seed, **params)
     elif scheme_type == "holdout":
-        params = {"fractions": _fractions_param(scheme, scheme_name)}
-        folds = holdout_split(ids, y, seed=seed, **params)
+        params = {
+            "fractions": _fractions_param(scheme, scheme_name),
+            "n_seeds": scheme.get("n_seeds", 1),
+        }
+        folds = holdout_split(ids, y, seed=seed, fractions=params["fractions"])
+        folds = with_seed_repeats(folds, params["n_seeds"])
+    elif scheme_type == "predefined":
+        if not scheme.get("path"):
+            raise ValueError(f"scheme {scheme_name!r} (predefined) needs 'path'")
+        params = {"path": str(scheme["path"]), "n_seeds": scheme.get("n_seeds", 1)}
+        table = read_partition_table(params["path"])
+        folds = predefined_splits(ids, table, where=f"scheme {scheme_name!r}: {params['path']}")
+        folds = with_seed_repeats(folds, params["n_seeds"])
     else:
         params = {
             "n_repeats": scheme.get("n_repeats", 10),
@@ -394,6 +516,9 @@ def _validate_splits(splits: Any, where: str) -> None:
             fail(f"fold {position} is not an object")
         if fold.get("fold") != position:
             fail(f"fold at position {position} is numbered {fold.get('fold')!r}")
+        seed_index = fold.get("seed_index", 0)
+        if isinstance(seed_index, bool) or not isinstance(seed_index, int) or seed_index < 0:
+            fail(f"fold {position}: 'seed_index' must be a non-negative integer")
         sets = {}
         for part in ("train", "val", "test"):
             members = fold.get(part)

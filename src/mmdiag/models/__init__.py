@@ -1,7 +1,8 @@
-"""Models: a small registry of the methods' networks, built from timm encoders.
+"""Models: a small registry of the methods' networks, built from timm encoders (2D) and MONAI
+backbones (3D).
 
-Every module here except the registry and the shared encoders is a method's model file; each
-is imported once so that its constructors register themselves.
+Every module here except the registry and the shared encoders and backbones is a method's
+model file; each is imported once so that its constructors register themselves.
 """
 
 import importlib
@@ -9,7 +10,7 @@ import pkgutil
 
 from mmdiag.models.registry import create_model, list_models, register_model, registered_model
 
-_SHARED_MODULES = {"registry", "encoders"}
+_SHARED_MODULES = {"registry", "encoders", "backbones3d"}
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _SHARED_MODULES:

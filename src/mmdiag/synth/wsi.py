@@ -147,3 +147,56 @@ def write_svs(
                 resolutionunit="CENTIMETER",
             )
     return path
+
+
+def write_patient_slides(
+    folder: str | os.PathLike,
+    patient_id: str,
+    n_slides: int,
+    rng: np.random.Generator,
+    *,
+    width_px: int,
+    height_px: int,
+    mpp: float,
+    disease: str = "IgAN",
+    objective_power: float = 20.0,
+    n_levels: int = 3,
+    downsample: int = 4,
+    tile_px: int = 256,
+    jpeg_quality: int = 90,
+) -> list[Path]:
+    """Write ``n_slides`` SVS slides of one patient, ``<patient_id>_s1.svs``, ``_s2``...
+
+    Each slide is a different section: it is rendered by :func:`render_wsi` from its own
+    generator, seeded by one integer drawn from ``rng`` per slide, so slides differ from
+    each other but depend only on ``rng``'s state. The keyword arguments go to
+    :func:`render_wsi` and :func:`write_svs`. Returns the paths in slide order.
+
+    Side effects: writes ``n_slides`` files into the existing ``folder`` (not atomically).
+    """
+    if n_slides < 1:
+        raise ValueError(f"n_slides must be >= 1, got {n_slides}")
+    section_seeds = rng.integers(0, 2**63 - 1, size=n_slides, dtype=np.int64)
+    paths = []
+    for number, section_seed in enumerate(section_seeds, start=1):
+        pixels = render_wsi(
+            np.random.default_rng(int(section_seed)),
+            width_px,
+            height_px,
+            mpp=mpp,
+            disease=disease,
+        )
+        path = Path(folder) / f"{patient_id}_s{number}.svs"
+        paths.append(
+            write_svs(
+                path,
+                pixels,
+                mpp=mpp,
+                objective_power=objective_power,
+                n_levels=n_levels,
+                downsample=downsample,
+                tile_px=tile_px,
+                jpeg_quality=jpeg_quality,
+            )
+        )
+    return paths

@@ -10,6 +10,14 @@ data into global batches, and each rank takes its contiguous share of every glob
 per-sample random draws keyed by the sample index, batch normalisation synchronised across
 ranks (:func:`sync_batchnorm`) and DDP's gradient averaging, N processes compute the same
 updates as one process with the whole batch (up to float summation order).
+
+Losses that couple the samples of a batch (a Gram matrix, a contrastive loss) need the global
+batch on every rank: :func:`all_gather_with_grad` concatenates every rank's rows in rank order
+and lets the gradient flow back to the rank that computed them. Each rank then computes the
+same global term; the backward pass sums the gradient over ranks before taking this rank's
+rows, so with the training loop's share weights (which sum to the number of ranks) DDP's
+average gives the parameters exactly the gradient of the global term (see
+:mod:`mmdiag.training.loop`).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mmdiag.training.device import resolve_device
+from mmdiag.training.stages import freeze, frozen_module_names
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,41 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return _SumOverRanks.apply(tensor)
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather of rows (ranks may hold different row counts) whose gradient is this rank's
+    rows of the gradient summed over ranks: every rank's loss depends on every rank's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor:
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous())
+        ctx.start, ctx.rows = sum(counts[:rank]), counts[rank]
+        return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.start : ctx.start + ctx.rows], None, None
+
+
+def all_gather_with_grad(tensor: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """Every rank's rows of ``tensor``, concatenated in rank order, on every rank (autograd-aware).
+
+    Ranks may hold different numbers of rows (a global batch of 5 splits 3 + 2). A loss of the
+    result is a loss of the global batch; its gradient reaches each rank's own rows, summed
+    over the ranks' (identical) losses. For one process ``tensor`` is returned as it is.
+    """
+    if not context.is_distributed:
+        return tensor
+    count = torch.tensor([len(tensor)], dtype=torch.int64, device=tensor.device)
+    counts = [torch.empty_like(count) for _ in range(context.world_size)]
+    dist.all_gather(counts, count)
+    return _AllGatherWithGrad.apply(tensor, [int(c) for c in counts], context.rank)
+
+
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch normalisation whose batch statistics are summed over all ranks.
 
@@ -186,14 +230,21 @@ def sync_batchnorm(model: nn.Module, context: DistContext) -> nn.Module:
     """Make every batch-norm layer use statistics of the global batch (no-op for one process).
 
     GPUs use PyTorch's ``SyncBatchNorm``; CPU processes use :class:`CrossRankBatchNorm`.
+    Modules frozen by :func:`~mmdiag.training.stages.freeze` stay frozen (a replaced batch
+    norm keeps its parameters' ``requires_grad`` and a frozen layer's evaluation mode).
     """
     if not context.is_distributed:
         return model
+    frozen = frozen_module_names(model)
     if context.device.type == "cuda":
         from timm.layers import convert_sync_batchnorm  # also handles timm's BatchNormAct2d
 
-        return convert_sync_batchnorm(model)
-    return _replace_batchnorm(model)
+        model = convert_sync_batchnorm(model)
+    else:
+        model = _replace_batchnorm(model)
+    for name in frozen:
+        freeze(model.get_submodule(name))
+    return model
 
 
 _PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -221,6 +272,8 @@ def _replace_batchnorm(module: nn.Module) -> nn.Module:
             **placement,
         )
         replaced.load_state_dict(module.state_dict())
+        for new, old in zip(replaced.parameters(), module.parameters(), strict=True):
+            new.requires_grad_(old.requires_grad)
         replaced.train(module.training)
         return replaced
     for name, child in module.named_children():

@@ -6,6 +6,8 @@ made them:
 - :func:`predictions_frame`: ``predictions.tsv``, one row per test case with the columns of
   ``DESIGN.md`` (``patient_id, fold, variant, y_true, y_pred, prob_<class>...``; survival adds
   ``time, event, risk``), then any method-specific columns;
+- :func:`multitask_predictions`/:func:`multitask_fold_metrics`: the same for a method with
+  several task heads (a ``task`` column; metrics named ``<task>/<metric>``);
 - :func:`provenance`: the fold's ``config.yaml``: the resolved settings, the library versions
   and the checksum of every input file;
 - :func:`write_fold_folder`: ``model.safetensors`` (trained variants), ``predictions.tsv``,
@@ -105,6 +107,36 @@ def fold_metrics(
         n_classes=len(classes),
         **survival,
     )
+
+
+def multitask_predictions(frames: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """One ``predictions.tsv`` for several tasks: each task's rows (from
+    :func:`predictions_frame`, with that task's ``prob_<class>`` columns) with a ``task``
+    column after ``variant``; a class column another task lacks is empty."""
+    tagged = []
+    for name, frame in frames.items():
+        frame = frame.copy()
+        frame.insert(PREDICTION_COLUMNS.index("variant") + 1, "task", name)
+        tagged.append(frame)
+    return pd.concat(tagged, ignore_index=True)
+
+
+def multitask_fold_metrics(
+    predictions: pd.DataFrame, tasks: Sequence, names: Sequence[str] | None = None
+) -> dict[str, float]:
+    """Each task's metrics (``names``, else the task's own :attr:`~mmdiag.data.Task.metrics`)
+    from its rows of a multi-task ``predictions.tsv``, named ``<task>/<metric>``.
+
+    Cases without the task's label (``y_true`` is ``MISSING``, -1) are left out of it.
+    """
+    metrics = {}
+    for task in tasks:
+        rows = predictions[(predictions["task"] == task.name) & (predictions["y_true"] >= 0)]
+        if rows.empty:
+            raise ValueError(f"no labelled predictions of task {task.name!r}")
+        scores = fold_metrics(rows, task.classes, names or task.metrics)
+        metrics |= {f"{task.name}/{metric}": value for metric, value in scores.items()}
+    return metrics
 
 
 def provenance(

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from mmdiag.data.splits import load_fold
+from mmdiag.data.splits import load_fold, training_seed
 from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS
 from mmdiag.io import read_tsv
 from mmdiag.methods.cmus.data import batch_collator, patient_loader, uses_crops
@@ -99,8 +100,10 @@ def _train_and_write_fold(
 ) -> dict[str, float]:
     started = time.perf_counter()
     variant_settings = method_settings["variants"][variant]
-    train_settings = train_settings_of(method_settings, variant)
     split = load_fold(splits_path, fold)
+    train_settings = train_settings_of(method_settings, variant)
+    # a seed-repeated split trains the same partition with seeds seed, seed+1, ...
+    train_settings = replace(train_settings, seed=training_seed(split, train_settings.seed))
     load = patient_loader(manifest_path, method_settings, classes, glomeruli_path)
     train, val, test = (load(split[part]) for part in ("train", "val", "test"))
     if not test:

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from mmdiag.data.splits import load_fold
+from mmdiag.data.splits import load_fold, training_seed
 from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS
 from mmdiag.methods.csmil.bags import aggregate_bag_probabilities, collate_bags, sample_bags
 from mmdiag.methods.csmil.data import Slide, load_slides, standardise
@@ -213,7 +213,8 @@ def run_csmil_fold(
     if method_settings["standardise_features"]:
         parts, mean, std = standardise(parts)
         scaling = {"feature_mean": torch.from_numpy(mean), "feature_std": torch.from_numpy(std)}
-    seed = method_settings["train"]["seed"]
+    # a seed-repeated split trains the same partition with seeds seed, seed+1, ...
+    seed = training_seed(load_fold(splits_path, fold), method_settings["train"]["seed"])
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, fold])
     in_dim = next(iter(slides.values())).features.shape[-1]
