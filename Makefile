@@ -7,7 +7,7 @@ STAMP := $(VENV)/.mmdiag-installed
 # Snakemake's jobs call `python -m mmdiag`: the virtual environment must come first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo report test lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/snakemake --cores $(CORES) all
+
+# The Snakemake HTML report of everything the run made (after `make demo`).
+report: install
+	$(BIN)/snakemake --report results/report.html all
 
 test: install
 	$(BIN)/python -m pytest

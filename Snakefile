@@ -1,5 +1,5 @@
 # mmdiag: raw multi-modal images -> per-fold models -> statistics -> the papers' tables.
-#   snakemake --cores 8 --use-conda results/cmus/fold_all.tsv
+#   snakemake --cores 8 results/cmus/fold_all.tsv --sdm conda
 from pathlib import Path
 
 from snakemake.utils import min_version
@@ -8,6 +8,9 @@ min_version("9.0")
 
 
 configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 # One file per method family: config/methods/<name>.yaml (merged in name order).

@@ -13,7 +13,7 @@ from mmdiag.data.manifest import MANIFEST_COLUMNS, write_manifest
 from mmdiag.features.phenotypes import cluster_patients
 from mmdiag.features.store import write_feature_store
 from mmdiag.methods.csmil.fold import run_csmil_fold
-from mmdiag.methods.csmil.toy_table import render_toy_markdown, toy_table
+from mmdiag.methods.csmil.toy_table import render_toy_html, render_toy_markdown, toy_table
 from mmdiag.models import create_model
 
 CLASSES = ["negative", "positive"]
@@ -252,6 +252,9 @@ def test_toy_table_means_and_best_row():
     assert table.loc["b", "Mean"] == pytest.approx((0.5 + 0.5 + 1.0 + 1.0) / 4)
     text = render_toy_markdown(table, reference_label="A")
     assert "| A (Ref.) |" in text and "**0.8000**" in text
+    page = render_toy_html(table, reference_label="A")
+    assert "<td>A (Ref.)</td><td>0.9000</td><td>1.0000</td><td>0.6000</td>" in page
+    assert "<td><b>0.8000</b></td></tr>" in page and "<td>0.7500</td></tr>" in page
 
 
 def test_csmil_config_validates_and_rejects_unknown_models():

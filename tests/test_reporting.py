@@ -1,5 +1,7 @@
 """Fold summaries, comparisons against the reference row, and the rendered tables."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -204,8 +206,10 @@ def test_write_method_tables_writes_each_configured_table(tmp_path):
         "stats.tsv",
         "tables/main.md",
         "tables/main.tex",
+        "tables/main.html",
         "tables/pair.md",
         "tables/pair.tex",
+        "tables/pair.html",
     ]
     lines = paths[2].read_text().splitlines()
     rows = [line.split(" | ")[0] for line in lines if line.startswith("| ") and "±" in line]
@@ -215,7 +219,7 @@ def test_write_method_tables_writes_each_configured_table(tmp_path):
     assert sorted(main["test"]) == ["paired_ttest", "paired_ttest", "wilcoxon", "wilcoxon"]
     pair = stats[stats["table"] == "pair"]
     assert set(pair["variant"]) == {"weak"} and set(pair["reference"]) == {"close"}
-    assert "Ref." in paths[4].read_text() and "| ref |" not in paths[4].read_text()
+    assert "Ref." in paths[5].read_text() and "| ref |" not in paths[5].read_text()
     settings["stats"]["tests"] = ["delong"]
     with pytest.raises(ValueError, match="predictions.tsv"):
         write_method_tables(fold_all_path, [], settings, out_dir=tmp_path / "out2")
@@ -223,3 +227,117 @@ def test_write_method_tables_writes_each_configured_table(tmp_path):
     settings["tables"]["main"]["rows"].append("ghost")
     with pytest.raises(ValueError, match="ghost"):
         write_method_tables(fold_all_path, [], settings, out_dir=tmp_path / "out3")
+
+
+def test_html_table_holds_the_markdown_table_cells():
+    """The report's HTML rendering shows the same cells as the Markdown one, escaped."""
+    import re
+    from html.parser import HTMLParser
+
+    from mmdiag.reporting.tables import render_html
+
+    summary = summarise_folds(_fold_all())
+    stats = compare_to_reference(_fold_all(), None, reference="ref", tests=["paired_ttest"])
+    options = dict(
+        metrics=["AUC"],
+        reference="ref",
+        test="paired_ttest",
+        scale=100,
+        digits=2,
+        labels={"weak": "A & <B>"},
+    )
+    markdown = render_markdown(summary, stats, title="T <1>", **options)
+    page = render_html(summary, stats, title="T <1>", **options)
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.inside = [], False
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "tr":
+                self.rows.append([])
+            self.inside = tag in ("td", "th") or (self.inside and tag == "b")
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.inside = False
+
+        def handle_data(self, data):
+            if self.inside:
+                self.rows[-1].append(data)
+
+    parser = Cells()
+    parser.feed(page)
+    markdown_rows = [
+        [re.sub(r"^\*\*(.*)\*\*$", r"\1", c.strip()) for c in line.strip("|").split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("| ")
+    ]
+    assert parser.rows == markdown_rows
+    assert "A &amp; &lt;B&gt;" in page and "<caption>T &lt;1&gt;</caption>" in page
+    assert "<b>" in page  # the best value of the column
+
+
+def test_overview_sets_each_headline_row_against_the_paper(tmp_path):
+    from mmdiag.reporting.overview import (
+        cohort_rows,
+        method_rows,
+        parse_named_paths,
+        write_overview,
+    )
+
+    manifest = tmp_path / "manifest.tsv"
+    pd.DataFrame({"patient_id": ["P1", "P1", "P2"], "modality": ["OM", "TEM", "OM"]}).to_csv(
+        manifest, sep="\t", index=False
+    )
+    summary = tmp_path / "summary.tsv"
+    pd.DataFrame(
+        {
+            "method": "m",
+            "variant": ["best", "best", "other"],
+            "metric": ["AUC", "ACC", "AUC"],
+            "mean": [0.91234, 0.8, 0.5],
+            "std": [0.01, 0.02, 0.03],
+            "n_folds": 5,
+        }
+    ).to_csv(summary, sep="\t", index=False)
+    headline = {"variant": "best", "metric": "AUC", "paper": 0.9905, "source": "Table 2"}
+    config = {
+        "splits": {"schemes": {"k5": {"type": "kfold"}}},
+        "methods": {
+            "m": {
+                "family": "cmus",
+                "cohort": "c",
+                "split": "k5",
+                "variants": {"best": {}, "other": {}},
+                "headline": headline,
+            },
+            "n": {
+                "family": "csmil",
+                "cohort": "c",
+                "split": "k5",
+                "variants": {"best": {}},
+                "headline": headline,
+            },
+        },
+    }
+    assert cohort_rows({"c": manifest}) == [["c", 2, 3, "OM 2, TEM 1"]]
+    rows = method_rows(config, {"m": summary})
+    assert rows[0] == [
+        "m",
+        "cmus",
+        "c",
+        "k5 (kfold)",
+        2,
+        "best",
+        "AUC",
+        "0.9123 ± 0.0100 (5 folds)",
+        "0.9905 (Table 2)",
+    ]
+    assert rows[1][7] == "not run"  # no summary for method n yet
+    page = write_overview(tmp_path / "o.html", config, {"c": manifest}, {"m": summary}).read_text()
+    assert "<td>0.9123 ± 0.0100 (5 folds)</td>" in page and "<td>snakemake</td>" in page
+    assert parse_named_paths(["a_b=x/y.tsv"], "--summary") == {"a_b": Path("x/y.tsv")}
+    with pytest.raises(ValueError, match="name=path"):
+        parse_named_paths(["nopath"], "--summary")

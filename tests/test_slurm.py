@@ -157,6 +157,11 @@ def test_dag_part_through_slurm_equals_local_run(cluster, runs):
     _assert_same_results(local, on_slurm)
     trained = yaml.safe_load((on_slurm / "results/cmus/cmus_net/fold_0/config.yaml").read_text())
     assert trained["n_processes"] == 1
+    # the profile's report-after-run: the report of this partial run, after it
+    report = on_slurm / "report.html"
+    assert report.is_file() and report.stat().st_mtime >= max(
+        p.stat().st_mtime for p in (on_slurm / "results").rglob("metrics.tsv")
+    )
 
 
 def test_job_given_two_gpus_trains_with_two_processes(cluster, runs):

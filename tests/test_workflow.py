@@ -271,3 +271,56 @@ def test_finished_dag_has_nothing_left_to_do(tiny_run):
     result = _run([*command, "--dry-run"], workdir)
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+@pytest.mark.integration
+def test_report_opens_in_a_browser_with_every_table_and_picture(tiny_run, tmp_path):
+    """The Snakemake report of the tiny run, opened in headless Chromium: first of a partial
+    run (CS-MIL is configured but did not run), then with the overview page, which the run of
+    the one configured method makes."""
+    from tests.report_browser import browser_available, inspect_report
+
+    if (reason := browser_available()) is not None:
+        pytest.skip(reason)
+    workdir, command = tiny_run
+    report = [str(BIN / "snakemake"), "--report", "report.html"]
+    tiny = ["--configfile", "tiny.yaml"]  # after the targets: it takes several values
+    result = _run([*report, "results/cmus/tables", "results/cmus/figures", *tiny], workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    view = inspect_report(workdir / "report.html", screenshot=tmp_path / "report.png")
+    assert view.severe_console_errors == []
+    assert "Overview" not in view.categories and "cmus" in view.categories
+    table3 = view.result_named("table3.html")
+    (rendered,) = view.html_tables[table3.key]
+    assert rendered[0][0] == "Variant" and rendered[0][-1] == "p-value (paired_ttest)"
+    assert [row[0] for row in rendered[1:]] == ["om", "tem", "OM, TEM (late vote)", "cmus_net"]
+    assert sum(row[-1] == "Ref." for row in rendered) == 1
+    caption = " ".join(table3.caption.split())
+    assert caption.startswith("Table table3 of cmus:") and "Ref. (cmus_net)" in caption
+    assert "split scheme kfold3" in caption
+    pictures = [key for key, r in view.results.items() if r.mime_type.startswith("image/")]
+    assert any(view.results[key].name == "roc_cmus_net.png" for key in pictures)
+    assert all(min(view.image_sizes[key]) > 0 for key in pictures), view.image_sizes
+    assert view.screenshot is not None and view.screenshot.stat().st_size > 1000
+
+    methods_file = workdir / "config/methods/csmil.yaml"
+    aside = tmp_path / "csmil.yaml"
+    methods_file.rename(aside)  # the overview of a run of CMUS-Net only
+    try:
+        result = _run(
+            [str(BIN / "snakemake"), "--cores", "1", "results/overview.html", *tiny],
+            workdir,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        result = _run([*report, "results/overview.html", "results/cmus/tables", *tiny], workdir)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    finally:
+        aside.rename(methods_file)
+    view = inspect_report(workdir / "report.html")
+    assert view.severe_console_errors == []
+    assert "Overview" in view.categories
+    overview = view.result_named("overview.html")
+    methods_table = view.html_tables[overview.key][0]
+    cmus_row = next(row for row in methods_table if row[0] == "cmus")
+    assert cmus_row[5:7] == ["cmus_net", "AUC"] and cmus_row[8] == "0.9905 (Table 2)"
+    assert cmus_row[7].endswith("(3 folds)")

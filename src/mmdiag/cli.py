@@ -182,6 +182,31 @@ def tables(
 
 @app.command()
 @reports_errors()
+def overview(
+    out: Annotated[Path, typer.Option(help="overview.html to write.")],
+    manifest: Annotated[
+        list[str] | None, typer.Option(help="cohort=manifest.tsv, once per cohort.")
+    ] = None,
+    summary: Annotated[
+        list[str] | None, typer.Option(help="method=summary.tsv, once per method.")
+    ] = None,
+    config: ConfigFiles = None,
+    settings_json: SettingsJson = None,
+) -> None:
+    """Write the report's overview page: versions, cohorts, splits, each method's headline."""
+    from mmdiag.reporting.overview import parse_named_paths, write_overview
+
+    try:
+        manifests = parse_named_paths(manifest or [], "--manifest")
+        summaries = parse_named_paths(summary or [], "--summary")
+    except ValueError as error:
+        fail(str(error))
+    write_overview(out, load_settings(config, settings_json), manifests, summaries)
+    log.info("overview %s: %d cohorts, %d methods", out, len(manifests), len(summaries))
+
+
+@app.command()
+@reports_errors()
 def patch(
     manifest_path: ManifestPath,
     image_id: Annotated[str, typer.Option(help="The slide's image_id in the manifest.")],

@@ -255,6 +255,12 @@ def _variant_problems(method: str, settings: Mapping, variants: Mapping) -> Iter
             f"{where}.reference: {settings.get('reference')!r} is not a variant; "
             f"allowed values: {sorted(variants)}"
         )
+    headline = settings.get("headline")
+    if headline and headline["variant"] not in variants:
+        yield (
+            f"{where}.headline.variant: {headline['variant']!r} is not a variant; "
+            f"allowed values: {sorted(variants)}"
+        )
     for name, table in settings.get("tables", {}).items():
         unknown = [r for r in table["rows"] if r not in variants]
         reference = table.get("reference") or settings.get("reference")

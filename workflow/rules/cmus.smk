@@ -126,7 +126,9 @@ rule cmus_figures:
             directory("results/{method}/figures"),
             patterns=["{name}.png"],
             caption="../report/cmus_figures.rst",
-            category="CMUS-Net",
+            category="{method}",
+            subcategory="figures",
+            labels={"method": "{method}", "figure": "{name}"},
         ),
     log:
         "logs/cmus_figures/{method}.log",

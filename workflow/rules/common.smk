@@ -7,8 +7,11 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-# The checkout's package validates the config, also where mmdiag is not installed.
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# The checkout's package validates the config, also where mmdiag is not installed. Its src/
+# sits two folders above this file (workflow.basedir is the importing workflow's folder when
+# this workflow is used as a module).
+SOURCE_DIR = Path(str(workflow.current_basedir)).parents[1] / "src"
+sys.path.insert(0, str(SOURCE_DIR))
 from mmdiag.config import (
     ConfigError,
     cohort_manifest_rules,
@@ -27,7 +30,7 @@ except ConfigError as error:
 # makes the package importable inside conda environments and cluster jobs alike.
 shell.prefix(
     "set -euo pipefail; export PYTHONPATH="
-    + shlex.quote(str(Path(workflow.basedir) / "src"))
+    + shlex.quote(str(SOURCE_DIR))
     + "${{PYTHONPATH:+:$PYTHONPATH}}; "
 )
 
@@ -222,11 +225,32 @@ def get_method_feature_stores(wildcards):
     return f"results/{config['methods'][wildcards.method]['cohort']}/features/stores"
 
 
+def get_overview_inputs(wildcards):
+    """The report's overview reads every method's cohort manifest and summary."""
+    methods = config["methods"]
+    inputs = {f"summary_{m}": f"results/{m}/summary.tsv" for m in methods}
+    cohorts = sorted({settings["cohort"] for settings in methods.values()})
+    return inputs | {f"manifest_{c}": f"results/{c}/manifest.tsv" for c in cohorts}
+
+
+def get_overview_arguments(wildcards, input):
+    """`mmdiag overview` options naming each manifest and summary."""
+    arguments = []
+    for name, path in input.items():
+        kind, _, key = name.partition("_")
+        arguments.append(f"--{kind} {shlex.quote(f'{key}={path}')}")
+    return " ".join(arguments)
+
+
 def get_final_outputs():
-    """Final targets: each configured method's fold_all.tsv, tables and figures, and what the
-    method rule files add (EXTRA_FINAL_OUTPUTS)."""
-    return [
-        f"results/{method}/{name}"
-        for method in config["methods"]
-        for name in ("fold_all.tsv", "tables", "figures")
-    ] + EXTRA_FINAL_OUTPUTS
+    """Final targets: each configured method's fold_all.tsv, tables and figures, what the
+    method rule files add (EXTRA_FINAL_OUTPUTS), and the report's overview page."""
+    return (
+        [
+            f"results/{method}/{name}"
+            for method in config["methods"]
+            for name in ("fold_all.tsv", "tables", "figures")
+        ]
+        + EXTRA_FINAL_OUTPUTS
+        + ["results/overview.html"]
+    )

@@ -56,7 +56,9 @@ rule csmil_figures:
             directory("results/{method}/figures"),
             patterns=["{name}.png"],
             caption="../report/csmil_figures.rst",
-            category="CS-MIL",
+            category="{method}",
+            subcategory="figures",
+            labels={"method": "{method}", "figure": "{name}"},
         ),
     log:
         "logs/csmil_figures/{method}.log",
@@ -83,10 +85,13 @@ rule csmil_toy_table:
         micro=f"results/{TOY_METHODS['micro']}/fold_all.tsv",
         macro=f"results/{TOY_METHODS['macro']}/fold_all.tsv",
     output:
-        table=report(
-            "results/csmil_toy/table5.md",
+        table="results/csmil_toy/table5.md",
+        page=report(
+            "results/csmil_toy/table5.html",
             caption="../report/csmil_toy.rst",
-            category="CS-MIL",
+            category=TOY_METHODS["micro"],
+            subcategory="tables",
+            labels={"method": "csmil_micro + csmil_macro", "table": "table5"},
         ),
         latex="results/csmil_toy/table5.tex",
         values="results/csmil_toy/table5.tsv",

@@ -11,6 +11,8 @@ rule patch_slide:
             "results/{cohort}/masks/tissue/{slide}_qc.png",
             caption="../report/tissue_qc.rst",
             category="Patching",
+            subcategory="{cohort}",
+            labels={"cohort": "{cohort}", "slide": "{slide}"},
         ),
     log:
         "logs/patch_slide/{cohort}/{slide}.log",

@@ -12,6 +12,8 @@ rule ssl_pretrain:
             "results/{cohort}/ssl/{scale}/loss.png",
             caption="../report/ssl_loss.rst",
             category="Pretraining",
+            subcategory="{cohort}",
+            labels={"cohort": "{cohort}", "scale": "{scale}"},
         ),
     log:
         "logs/ssl_pretrain/{cohort}/{scale}.log",

@@ -35,9 +35,11 @@ rule tables:
         stats="results/{method}/stats.tsv",
         tables=report(
             directory("results/{method}/tables"),
-            patterns=["{name}.md"],
+            patterns=["{name}.html"],
             caption="../report/method_table.rst",
             category="{method}",
+            subcategory="tables",
+            labels={"method": "{method}", "table": "{name}"},
         ),
     log:
         "logs/tables/{method}.log",
@@ -57,3 +59,30 @@ rule tables:
         "python -m mmdiag tables --method {wildcards.method} --fold-all {input.fold_all}"
         " --out-dir {params.out} --settings-json {params.settings:q} {input.predictions}"
         " > {log} 2>&1"
+
+
+rule overview:
+    input:
+        unpack(get_overview_inputs),
+    output:
+        overview=report(
+            "results/overview.html",
+            caption="../report/overview.rst",
+            category="Overview",
+            labels={"page": "run overview"},
+        ),
+    log:
+        "logs/overview.log",
+    conda:
+        "../../envs/mmdiag.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,  # reads the manifests and summaries
+        runtime=5,
+        gpu=0,
+    params:
+        named=get_overview_arguments,
+        settings=lambda wildcards: settings_json("methods", "splits"),
+    shell:
+        "python -m mmdiag overview --out {output.overview} {params.named}"
+        " --settings-json {params.settings:q} > {log} 2>&1"

@@ -1,7 +1,7 @@
 """Write a method's summary, statistics and paper-style tables from its fold results.
 
 Side effects: writes ``summary.tsv`` (every variant), ``stats.tsv`` (every table's tests) and
-``tables/{name}.md`` / ``.tex`` for every table of the method's config, each atomically.
+``tables/{name}.md`` / ``.tex`` / ``.html`` for every table of the method's config, each atomically.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pandas as pd
 
 from mmdiag.io import atomic_path, read_tsv, write_tsv
 from mmdiag.reporting.compare import FOLD_TESTS, STATS_COLUMNS, compare_to_reference
-from mmdiag.reporting.tables import render_latex, render_markdown, summarise_folds
+from mmdiag.reporting.tables import render_html, render_latex, render_markdown, summarise_folds
 
 DEFAULT_TABLE = {
     "title": "Comparison of variants",
@@ -25,6 +25,10 @@ DEFAULT_TABLE = {
 }
 
 
+#: The renderings of every table, in the order they are written.
+TABLE_FORMATS = ("md", "tex", "html")
+
+
 def method_tables(method_settings: Mapping) -> dict[str, dict]:
     """The configured tables, or one table of every variant when none is configured."""
     tables = method_settings.get("tables") or {"all": {"rows": list(method_settings["variants"])}}
@@ -34,7 +38,7 @@ def method_tables(method_settings: Mapping) -> dict[str, dict]:
 def table_paths(out_dir: Path, method_settings: Mapping) -> list[Path]:
     """Every file :func:`write_method_tables` writes, in order."""
     names = list(method_tables(method_settings))
-    tables = [out_dir / "tables" / f"{n}.{ext}" for n in names for ext in ("md", "tex")]
+    tables = [out_dir / "tables" / f"{n}.{ext}" for n in names for ext in TABLE_FORMATS]
     return [out_dir / "summary.tsv", out_dir / "stats.tsv", *tables]
 
 
@@ -87,6 +91,7 @@ def write_method_tables(
         rendered += [
             render_markdown(table_summary, stats, **options),
             render_latex(table_summary, stats, **options),
+            render_html(table_summary, stats, **options),
         ]
     write_tsv(summary, paths[0])
     write_tsv(pd.concat(all_stats, ignore_index=True)[["table", *STATS_COLUMNS]], paths[1])

@@ -8,6 +8,7 @@ says so.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -152,3 +153,37 @@ def render_latex(summary: pd.DataFrame, stats: pd.DataFrame, *, title: str, **op
         "",
     ]
     return "\n".join(lines)
+
+
+#: Inline style of the HTML tables (the report shows each in its own frame).
+HTML_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:1.5em}"
+    "table{border-collapse:collapse}caption{font-weight:600;text-align:left;padding:.4em 0}"
+    "th,td{padding:.3em .8em;border-bottom:1px solid #ccc;text-align:right}"
+    "th:first-child,td:first-child{text-align:left}thead th{border-bottom:2px solid #333}"
+    "p.note{color:#444;font-size:.9em;max-width:60em}"
+)
+
+
+def render_html(summary: pd.DataFrame, stats: pd.DataFrame, *, title: str, **options) -> str:
+    """A standalone HTML page holding the table (caption, bold best cells, footnote), for the
+    Snakemake report and for a browser."""
+    header, rows = _table_cells(summary, stats, **options)
+    n_folds = int(summary["n_folds"].max())
+    note = footnote(test=options["test"], n_folds=n_folds, scale=options["scale"])
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td><b>{html.escape(t)}</b></td>" if bold else f"<td>{html.escape(t)}</td>"
+            for t, bold in cells
+        )
+        + "</tr>"
+        for cells in rows
+    )
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{HTML_STYLE}</style></head><body>"
+        f"<table><caption>{html.escape(title)}</caption><thead><tr>{head}</tr></thead>"
+        f'<tbody>{body}</tbody></table><p class="note">{html.escape(note)}</p></body></html>\n'
+    )

@@ -6,15 +6,19 @@ Each cell is the mean over splits of that dataset's method (``results/csmil_micr
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from mmdiag.io import atomic_path, read_tsv
+from mmdiag.reporting.tables import HTML_STYLE
 
 DATASETS = ("Micro-anomaly", "Macro-anomaly")
 METRICS = ("AUC", "AP")
+TITLE = "Table 5: classification performance on the two toy datasets"
+TITLE_NOTE = "mean over splits"
 
 
 def toy_table(
@@ -61,13 +65,33 @@ def render_toy_latex(table: pd.DataFrame, *, digits: int = 4) -> str:
     return "\n".join(lines).replace("_", r"\_") + "\n"
 
 
+def render_toy_html(table: pd.DataFrame, *, reference_label: str, digits: int = 4) -> str:
+    """The same table as a standalone HTML page (for the report), best mean in bold."""
+    best = table["Mean"].max()
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in [table.index.name, *table.columns])
+    rows = []
+    for name, row in table.iterrows():
+        cells = [f"{value:.{digits}f}" for value in row]
+        marker = " (Ref.)" if name == reference_label else ""
+        texts = [f"<td>{html.escape(f'{name}{marker}')}</td>"]
+        texts += [f"<td>{c}</td>" for c in cells[:-1]]
+        mean = f"<b>{cells[-1]}</b>" if row["Mean"] == best else cells[-1]
+        rows.append("<tr>" + "".join(texts) + f"<td>{mean}</td></tr>")
+    title = f"{TITLE} ({TITLE_NOTE})"
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{TITLE}</title>'
+        f"<style>{HTML_STYLE}</style></head><body><table><caption>{html.escape(title)}</caption>"
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></body></html>\n"
+    )
+
+
 def write_toy_table(
     micro_fold_all: Path,
     macro_fold_all: Path,
     method_settings: Mapping,
     out_dir: Path,
 ) -> list[Path]:
-    """``table5.md``, ``table5.tex`` and ``table5.tsv`` under ``out_dir``; return the paths."""
+    """``table5.md``, ``.tex``, ``.html`` and ``.tsv`` under ``out_dir``; return the paths."""
     fold_alls = {
         DATASETS[0]: read_tsv(micro_fold_all),
         DATASETS[1]: read_tsv(macro_fold_all),
@@ -80,9 +104,10 @@ def write_toy_table(
     reference = labels.get(method_settings["reference"], method_settings["reference"])
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = {
-        "table5.md": "Table 5: classification performance on the two toy datasets "
-        "(mean over splits)\n\n" + render_toy_markdown(table, reference_label=reference),
+        "table5.md": f"{TITLE} ({TITLE_NOTE})\n\n"
+        + render_toy_markdown(table, reference_label=reference),
         "table5.tex": render_toy_latex(table),
+        "table5.html": render_toy_html(table, reference_label=reference),
         "table5.tsv": table.reset_index().to_csv(sep="\t", index=False),
     }
     written = []
