@@ -157,3 +157,30 @@ def test_tables_writes_the_paper_tables(tmp_path):
     assert set(stats["table"]) == {"table2", "table3"}
     assert stats.loc[stats["test"] == "paired_ttest", "p_value"].isna().all()
     assert table2.count("| n/a |") == 3
+
+
+def test_config_files_layer_over_the_defaults_unless_told_not_to(tmp_path, monkeypatch):
+    """``-c mine.yaml`` changes what it names and keeps every other default setting (the demo's,
+    not the schema's paper-scale ones); ``--no-defaults`` reads the given files alone."""
+    import yaml
+
+    from mmdiag.cli_support import config_file_stack
+
+    monkeypatch.chdir(ROOT)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"synth": {"n_patients": 9}}))
+    layered = yaml.safe_load(runner.invoke(app, ["check-config", "-c", str(mine)]).output)
+    assert layered["synth"]["n_patients"] == 9
+    assert layered["ssl"]["backbone"] == "test_resnet"  # the demo default, not resnet50
+    assert {"cmus", "csmil"} <= set(layered["methods"])
+
+    alone = runner.invoke(
+        app, ["--no-defaults", "check-config", "-c", "config/config.yaml", "-c", str(mine)]
+    )
+    assert alone.exit_code == 0, alone.output
+    assert yaml.safe_load(alone.output)["methods"] == {}  # no config/methods/*.yaml read
+
+    defaults = [Path("config/config.yaml"), *sorted(Path("config/methods").glob("*.yaml"))]
+    # naming a default again keeps it in its place; other files come after the defaults
+    assert config_file_stack([mine, Path("config/methods/cmus.yaml")]) == [*defaults, mine]
+    assert config_file_stack([mine], defaults=False) == [mine]

@@ -332,3 +332,19 @@ def test_the_unit_is_a_slide_or_a_patient_with_its_slides_pooled(cohort, tmp_pat
         load_slides(mixed_path, *args, unit="patient")
     with pytest.raises(ValueError, match="unit must be one of"):
         load_slides(mixed_path, *args, unit="region")
+
+
+def test_csmil_on_a_cohort_without_two_classes_fails_at_config_validation(tmp_path):
+    import yaml
+
+    from mmdiag.config import ConfigError
+
+    override = {"cohorts": {"toy_mixed": {"manifest_rules": {"classes": ["a", "b", "c"]}}}}
+    (tmp_path / "three.yaml").write_text(yaml.safe_dump(override))
+    files = ["config/config.yaml", "config/methods/csmil.yaml", tmp_path / "three.yaml"]
+    with pytest.raises(
+        ConfigError,
+        match=r"methods.csmil: CS-MIL needs two classes with "
+        r"'positive' among them; the manifest allows \['a', 'b', 'c'\]",
+    ):
+        load_config(files)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import zlib
 from pathlib import Path
 
 import nibabel
@@ -51,22 +53,33 @@ def _write_tsv(rows: list[dict], path: Path, columns: list[str] | None = None) -
     return path
 
 
+def _seed(path: Path) -> int:
+    """A seed from the file's folder and name: distinct, reproducible content per file.
+
+    Two rows with the same content are an error, so no two test images may be identical.
+    """
+    return zlib.crc32(f"{path.parent.name}/{path.name}".encode())
+
+
 def _rgb(path: Path, size: tuple[int, int] = (48, 40)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    rng = np.random.default_rng(_seed(path))
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
     return path
 
 
 def _gray_tiff(path: Path, size: tuple[int, int] = (64, 50)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(path, np.full((size[1], size[0]), 7, dtype=np.uint8))
+    rng = np.random.default_rng(_seed(path))
+    tifffile.imwrite(path, rng.integers(0, 255, (size[1], size[0]), dtype=np.uint8))
     return path
 
 
 def _nifti(path: Path, shape: tuple[int, int, int] = (20, 24, 5)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nibabel.save(nibabel.Nifti1Image(np.zeros(shape, dtype=np.int16), np.eye(4)), path)
+    voxels = np.random.default_rng(_seed(path)).integers(-1000, 1000, shape, dtype=np.int16)
+    nibabel.save(nibabel.Nifti1Image(voxels, np.eye(4)), path)
     return path
 
 
@@ -133,7 +146,7 @@ def test_valid_cohort_columns_rows_and_checksums(cohort: Path) -> None:
     assert frame.loc[frame["modality"] == "CT", "image_id"].item() == "ct/p1_ct"
     for row in frame.itertuples():
         assert Path(row.path).is_absolute()
-        assert Path(row.path) == Path(row.path).resolve()
+        assert row.path == os.path.abspath(row.path)  # normalised (links are not followed)
         assert row.sha256 == hashlib.sha256(Path(row.path).read_bytes()).hexdigest()
     sizes = {row.image_id: (row.width_px, row.height_px) for row in frame.itertuples()}
     assert sizes["om/p1_om"] == (48, 40)

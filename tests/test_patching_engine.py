@@ -234,3 +234,160 @@ def test_non_slide_file_raises(tmp_path):
 def test_invalid_arguments(slide_path, regions, kwargs, match):
     with pytest.raises(ValueError, match=match):
         engine.extract_patches(slide_path, regions, **kwargs)
+
+
+# -- OME-TIFF through tifffile -----------------------------------------------------------------
+OME_W, OME_H = 1500, 1100
+
+
+@pytest.fixture(scope="module")
+def ome_pyramid(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    """A tiled JPEG OME-TIFF pyramid (levels 1, 2, 4 as SubIFDs) and its decoded levels."""
+    rng = np.random.default_rng(5)
+    coarse = rng.integers(0, 256, (OME_H // 16 + 1, OME_W // 16 + 1, 3), dtype=np.uint8)
+    base = coarse.repeat(16, 0).repeat(16, 1)[:OME_H, :OME_W]
+    path = tmp_path_factory.mktemp("ome") / "pyramid.ome.tif"
+    options = {"tile": (256, 256), "compression": "jpeg", "photometric": "rgb"}
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(base, subifds=2, metadata={"axes": "YXS", "PhysicalSizeX": 0.5}, **options)
+        for ds in (2, 4):
+            level = np.asarray(
+                Image.fromarray(base).resize((OME_W // ds, OME_H // ds), Image.Resampling.BOX)
+            )
+            tw.write(level, subfiletype=1, **options)
+    with tifffile.TiffFile(path) as tiff:
+        levels = [np.asarray(level.asarray()) for level in tiff.series[0].levels]
+    return path, levels
+
+
+def _tiff_reference(levels, regions, out_px, background):
+    """Per region: the level's floored window, padded with ``background``, BOX-resized."""
+    downsamples = [levels[0].shape[1] / level.shape[1] for level in levels]
+    out = []
+    for x0, y0, size in regions.tolist():
+        level = engine.choose_level(downsamples, size, out_px)
+        ds = downsamples[level]
+        side = math.ceil(size / ds)
+        x, y = math.floor(x0 / ds), math.floor(y0 / ds)
+        image = levels[level]
+        crop = np.empty((side, side, 3), np.uint8)
+        crop[...] = background
+        xa, ya = max(x, 0), max(y, 0)
+        xb, yb = min(x + side, image.shape[1]), min(y + side, image.shape[0])
+        if xa < xb and ya < yb:
+            crop[ya - y : yb - y, xa - x : xb - x] = image[ya:yb, xa:xb]
+        out.append(np.asarray(Image.fromarray(crop).resize((out_px, out_px), Image.Resampling.BOX)))
+    return np.stack(out)
+
+
+def test_ome_pyramid_is_read_with_tifffile(ome_pyramid):
+    path, levels = ome_pyramid
+    reader = engine.open_reader(path)
+    try:
+        assert isinstance(reader, engine.TiffReader)
+        assert reader.level_dimensions == tuple((a.shape[1], a.shape[0]) for a in levels)
+        assert reader.level_downsamples == (1.0, 2.0, 4.0)
+        region = reader.read_region((OME_W - 10, -5), 0, (20, 15), (1, 2, 3))
+        np.testing.assert_array_equal(region[5:, :10], levels[0][:10, -10:])
+        assert (region[:5] == (1, 2, 3)).all() and (region[:, 10:] == (1, 2, 3)).all()
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(("size", "out_px"), [(64, 64), (128, 64), (256, 64), (300, 100)])
+def test_ome_pyramid_matches_direct_reads(ome_pyramid, size, out_px):
+    path, levels = ome_pyramid
+    rng = np.random.default_rng(size)
+    x = rng.integers(-size // 2, OME_W - size // 2, 50)
+    y = rng.integers(-size // 2, OME_H - size // 2, 50)
+    regions = np.stack([x, y, np.full(50, size)], axis=1)
+    background = (12, 34, 56)
+    expected = _tiff_reference(levels, regions, out_px, background)
+    got = engine.extract_patches(path, regions, out_px=out_px, block_px=200, background=background)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_ome_pyramid_workers(ome_pyramid):
+    path, _ = ome_pyramid
+    xs, ys = np.meshgrid(np.arange(-64, OME_W, 128), np.arange(-64, OME_H, 128))
+    regions = np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, 256)], axis=1)
+    one = engine.extract_patches(path, regions, out_px=64, background=7)
+    two = engine.extract_patches(path, regions, out_px=64, workers=2, block_px=128, background=7)
+    np.testing.assert_array_equal(one, two)
+    assert (one[0, :8, :8] == 7).all()  # the first region starts 64 px outside the corner
+
+
+# -- background padding ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dark_slide(tmp_path_factory) -> Path:
+    """A dark (fluorescence-like) Aperio SVS: near-black glass, a dim blue blob."""
+    from mmdiag.synth.wsi import write_svs
+
+    rng = np.random.default_rng(3)
+    image = np.zeros((1024, 1536, 3), np.uint8)
+    image[..., 2] = 6
+    yy, xx = np.mgrid[:1024, :1536]
+    blob = (yy - 512) ** 2 + (xx - 768) ** 2 < 300**2
+    image[blob] = (10, 10, 90)
+    image = np.clip(image + rng.integers(0, 3, image.shape), 0, 255).astype(np.uint8)
+    return write_svs(
+        tmp_path_factory.mktemp("dark") / "dark.svs",
+        image,
+        mpp=0.5,
+        objective_power=20,
+        n_levels=3,
+        downsample=2,
+        tile_px=256,
+        jpeg_quality=90,
+    )
+
+
+def test_dark_slide_padding_is_its_background(dark_slide):
+    from mmdiag.patching.slide import Slide
+
+    with Slide(dark_slide) as slide:
+        thumbnail, _ = slide.thumbnail(4.0)
+    background = engine.estimate_background(thumbnail)
+    assert max(background) < 20 and background[2] >= background[0]
+    regions = [
+        np.array([[-400, -400, 256]]),  # wholly outside
+        np.array([[1536 - 128, 256, 256]]),  # right half outside, level 0 (phase 0)
+        np.array([[512, 1024 - 256, 512]]),  # bottom half outside, read at level 1
+        np.array([[-256, 300, 1024]]),  # left quarter outside, read at level 2
+    ]
+    got = [
+        p[0]
+        for p in engine.extract_patches_multiscale(
+            dark_slide, regions, out_px=256, background=background
+        )
+    ]
+    assert (got[0] == background).all()
+    assert (got[1][:, 128:] == background).all()
+    assert (got[2][128:] == background).all()
+    assert (got[3][:, :64] == background).all()
+    assert not any((patch == 255).any() for patch in got)
+    workers = engine.extract_patches_multiscale(
+        dark_slide, regions, out_px=256, workers=2, block_px=128, background=background
+    )
+    for patch, other in zip(got, workers, strict=True):
+        np.testing.assert_array_equal(patch, other[0])
+    white = engine.extract_patches_multiscale(dark_slide, regions[:2], out_px=256)  # default
+    assert (white[0] == 255).all() and (white[1][0][:, 128:] == 255).all()
+
+
+def test_estimate_background_prefers_non_tissue_border():
+    thumbnail = np.full((100, 120, 3), (240, 235, 230), np.uint8)
+    thumbnail[:, :70] = (150, 60, 140)  # tissue touching the top, bottom and left edges
+    assert engine.estimate_background(thumbnail) == (150, 60, 140)  # most of the frame
+    mask = np.zeros((100, 120), bool)
+    mask[:, :70] = True
+    assert engine.estimate_background(thumbnail, mask) == (240, 235, 230)
+    everything = np.ones((100, 120), bool)  # no glass on the frame: the whole frame counts
+    assert engine.estimate_background(thumbnail, everything) == (150, 60, 140)
+    assert engine.estimate_background(np.full((5, 5), 9, np.uint8)) == (9, 9, 9)
+
+
+@pytest.mark.parametrize("background", [256, -1, (1, 2), (1.5, 2, 3), "white"])
+def test_invalid_background(slide_path, background):
+    with pytest.raises(ValueError, match="background"):
+        engine.extract_patches(slide_path, np.array([[0, 0, 8]]), out_px=8, background=background)

@@ -263,6 +263,8 @@ def test_store_without_pixels_is_named(stores, tmp_path):
 
 
 def test_batch_larger_than_the_data_is_refused(stores, tmp_path):
-    with pytest.raises(ValueError, match="batch size 128 exceeds the 80 patches"):
+    with pytest.raises(
+        ValueError, match=r"batch size 128 \(ssl.batch_size\) exceeds the 80 patches"
+    ):
         _run(stores, tmp_path, tiny_settings(batch_size=128))
     assert not (tmp_path / "out").exists() and not (tmp_path / "state").exists()

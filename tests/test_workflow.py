@@ -84,6 +84,14 @@ def test_invalid_config_stops_snakemake_with_the_key(tmp_path):
     assert "methods.cmus.task: 'grading' is not allowed" in result.stdout + result.stderr
 
 
+def test_a_target_of_an_unknown_cohort_names_the_configured_ones(tmp_path):
+    copy_workflow(tmp_path)
+    result = _run([str(BIN / "snakemake"), "-n", "results/realx/manifest.tsv"], tmp_path)
+    assert result.returncode != 0
+    assert "unknown cohort 'realx' in a target" in result.stdout + result.stderr
+    assert "configured cohorts: ['demo', 'toy_macro'" in result.stdout + result.stderr
+
+
 def test_a_predefined_split_table_is_an_input_of_the_splits_rule(tmp_path):
     """The partition table is tracked: a missing one stops the DAG, naming it; with it the DAG
     of a method on the predefined split resolves."""

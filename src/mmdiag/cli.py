@@ -19,6 +19,7 @@ from mmdiag.cli_support import (
     ManifestPath,
     SettingsJson,
     fail,
+    layer_over_defaults,
     load_settings,
     method_settings,
     reports_errors,
@@ -37,9 +38,19 @@ log = logging.getLogger("mmdiag")
 
 
 @app.callback()
-def main() -> None:
+def main(
+    defaults: Annotated[
+        bool,
+        typer.Option(
+            "--defaults/--no-defaults",
+            help="Layer --config files over config/config.yaml and config/methods/*.yaml "
+            "(default), or read the --config files alone.",
+        ),
+    ] = True,
+) -> None:
     """Each sub-command is one stage of the Snakemake workflow and also runs by hand."""
     setup_logging()
+    layer_over_defaults(defaults)
 
 
 @app.command("check-config")

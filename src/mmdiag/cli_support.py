@@ -1,9 +1,11 @@
 """What every command of the ``mmdiag`` command line shares: option types, settings, errors.
 
-Settings come from the YAML config files (``--config``, validated against
-``config/schema.yaml``) or, when Snakemake calls, from ``--settings-json``: the already
-validated section(s) the stage needs. Errors end the command with exit code 1 and one line that
-names the file, key or value at fault.
+Settings come from the YAML config files (validated against ``config/schema.yaml``): the
+defaults ``config/config.yaml`` and ``config/methods/*.yaml`` of the current folder, with each
+``--config`` file layered on top, as Snakemake layers ``--configfile`` over the workflow's
+config (``mmdiag --no-defaults ...`` reads the ``--config`` files alone). When Snakemake calls,
+they come from ``--settings-json``: the already validated section(s) the stage needs. Errors
+end the command with exit code 1 and one line that names the file, key or value at fault.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ ConfigFiles = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="YAML config file(s), merged in order (default: config/config.yaml and "
-        "config/methods/*.yaml in the current folder).",
+        help="YAML config file(s) layered in order over the defaults, config/config.yaml and "
+        "config/methods/*.yaml of the current folder (mmdiag --no-defaults: these files alone).",
     ),
 ]
 SettingsJson = Annotated[
@@ -59,16 +61,45 @@ def reports_errors(*errors: type[Exception]) -> Callable:
     return decorate
 
 
+#: Whether ``--config`` files are layered over the default config files (``--no-defaults``).
+_LAYER_OVER_DEFAULTS = {"on": True}
+
+
+def layer_over_defaults(enabled: bool) -> None:
+    """Set by the root command's ``--defaults/--no-defaults`` option."""
+    _LAYER_OVER_DEFAULTS["on"] = enabled
+
+
+def default_config_files(folder: Path = Path(".")) -> list[Path]:
+    """``config/config.yaml`` and ``config/methods/*.yaml`` (name order) under ``folder``."""
+    main = folder / "config/config.yaml"
+    methods = sorted((folder / "config/methods").glob("*.yaml"))
+    return ([main] if main.is_file() else []) + methods
+
+
+def config_file_stack(config_files: list[Path] | None, *, defaults: bool = True) -> list[Path]:
+    """The files to merge, in order: the defaults (unless ``defaults`` is off), then each given
+    file that is not one of them (so naming a default again does not move it to the end)."""
+    stack = default_config_files() if defaults or not config_files else []
+    seen = {path.resolve() for path in stack}
+    for path in config_files or []:
+        if path.resolve() not in seen:
+            stack.append(path)
+            seen.add(path.resolve())
+    return stack
+
+
 def load_settings(config_files: list[Path] | None, settings_json: str | None) -> dict:
     """The validated configuration, from JSON (Snakemake) or from YAML files (by hand)."""
     from mmdiag.config import ConfigError, load_config
 
     if settings_json:
         return json.loads(settings_json)
-    if not config_files:
-        config_files = [Path("config/config.yaml"), *sorted(Path("config/methods").glob("*.yaml"))]
+    stack = config_file_stack(config_files, defaults=_LAYER_OVER_DEFAULTS["on"])
+    if not stack:
+        fail("no config file: give --config, or run in a checkout holding config/config.yaml")
     try:
-        return load_config(config_files)
+        return load_config(stack)
     except ConfigError as error:
         fail(str(error))
 

@@ -223,6 +223,21 @@ def _cross_reference_problems(config: Mapping) -> Iterable[str]:
             yield from _label_problems(method, settings, config, schemes[settings["split"]])
         variants = settings.get("variants", {})
         yield from _variant_problems(method, settings, variants)
+        yield from _family_problems(method, settings, config)
+
+
+def _family_problems(method: str, settings: Mapping, config: Mapping) -> Iterable[str]:
+    """A family's own checks: ``config_problems(method, settings, config)`` in its
+    ``methods/<family>/settings.py``, when it defines one."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"mmdiag.methods.{settings['family']}.settings")
+    except ModuleNotFoundError:
+        return
+    check = getattr(module, "config_problems", None)
+    if check is not None:
+        yield from check(method, settings, config)
 
 
 def _label_problems(method: str, settings: Mapping, config: Mapping, scheme: Mapping):

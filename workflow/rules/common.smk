@@ -63,11 +63,22 @@ def torch_launcher(n_gpus):
     return f"torchrun --standalone --nproc-per-node {n_gpus}"
 
 
+def cohort_config(cohort):
+    """A configured cohort's settings; a target naming another cohort stops the DAG with the
+    configured names (instead of a KeyError)."""
+    if cohort not in config["cohorts"]:
+        raise WorkflowError(
+            f"unknown cohort {cohort!r} in a target (results/{cohort}/...); "
+            f"configured cohorts: {sorted(config['cohorts'])}"
+        )
+    return config["cohorts"][cohort]
+
+
 def cohort_synth_settings(cohort):
     """What `mmdiag synth` needs for a cohort: the synth section for the renal demo cohort;
     the cohort's toy settings and the patch size for toy slides (only what changes the files,
     so that other edits do not remake a cohort)."""
-    settings = config["cohorts"][cohort]
+    settings = cohort_config(cohort)
     if settings["generator"] == "toy_mil":
         return json.dumps(
             {
@@ -119,7 +130,7 @@ EXTRA_FINAL_OUTPUTS = []
 
 def get_cohort_source(wildcards):
     """Inputs of the manifest step: the synthetic cohort folder, or the user's files."""
-    cohort = config["cohorts"][wildcards.cohort]
+    cohort = cohort_config(wildcards.cohort)
     if cohort["synthetic"]:
         return {"raw": f"results/{wildcards.cohort}/raw"}
     if cohort["manifest"]:

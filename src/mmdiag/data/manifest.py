@@ -22,7 +22,8 @@ A cohort is given in one of two ways.
    of a patient (they must agree within a patient). Relative paths are taken relative to the
    folder holding the manifest TSV.
 
-Modality ``MR`` is accepted beside the five above and read like ``CT``.
+Modality ``MR`` is accepted beside the five above and read like ``CT`` (also as a required
+modality). Modalities are case-insensitive.
 
 Further label columns (a grade, a WHO type, ...) are declared as tasks in the config
 (``manifest.tasks``, see :mod:`mmdiag.data.tasks`): each must be a column of ``clinical.tsv``
@@ -37,16 +38,30 @@ that kind (up to :data:`MAX_LISTED`), naming the file, the row or patient, and t
 ``images.tsv`` (or a user manifest) may carry an ``mpp`` column: a slide's micrometres per
 pixel, which overrides the file's metadata when patching (empty: use the metadata).
 
+A column that none of this reads (a typo such as ``dissease``, an ``mpp`` in ``clinical.tsv``,
+a label in ``images.tsv``) is logged as a warning naming the file and the columns, since its
+values are ignored. Known columns are, per file: ``clinical.tsv`` :data:`CLINICAL_COLUMNS` and
+the task columns; ``images.tsv`` :data:`IMAGE_COLUMNS` and ``mpp``; a user manifest all of them.
+
 The manifest columns, in order, are :data:`MANIFEST_COLUMNS`; rows are sorted by
-``patient_id, modality, path``; ``path`` is absolute and resolved; ``image_id`` is the path
-below the cohort folder without its suffix (``ct/P001.nii.gz`` -> ``ct/P001``; the file stem
-for images outside it) and unique in the cohort; ``sha256`` of a DICOM series folder
-is the SHA-256 of its sorted ``<name> <sha256>`` lines.
+``patient_id, modality, path``; ``path`` is the path as written, made absolute and normalised
+(``os.path.abspath``: symbolic links are kept, not followed, so that two patients' links to
+files of one name stay apart); ``image_id`` is that path below the cohort folder without its
+suffix (``ct/P001.nii.gz`` -> ``ct/P001``; the file stem for images outside it) and unique in
+the cohort; ``sha256`` is of the content (through any link); of a DICOM series folder it is
+the SHA-256 of its sorted ``<name> <sha256>`` lines.
+
+The same content (one ``sha256``) on two rows is an error: under two patients one image could
+land in two partitions of a split (leakage); twice within one patient it is almost always a
+copied or twice-listed file that would weigh double in the patient's bag and count twice in
+per-image results, and nothing a cohort needs, so it is an error too.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +87,8 @@ __all__ = [
     "read_manifest",
     "write_manifest",
 ]
+
+log = logging.getLogger(__name__)
 
 MODALITIES: tuple[str, ...] = ("OM", "IM", "TEM", "WSI", "CT", "MR")
 CLINICAL_COLUMNS: tuple[str, ...] = (
@@ -113,7 +130,8 @@ class ManifestRules:
     stages
         Allowed non-empty ``mn_stage`` labels, e.g. ``("I", "II", "III")``.
     required_modalities
-        Every patient needs at least one image of each, e.g. ``("OM", "IM", "TEM")``.
+        Every patient needs at least one image of each, e.g. ``("OM", "IM", "TEM")``; any of
+        :data:`MODALITIES` (``MR`` included), in any case.
     min_image_px
         Per modality, the least allowed ``min(width_px, height_px)`` (CT/MR: in-plane).
     tasks
@@ -125,6 +143,20 @@ class ManifestRules:
     required_modalities: tuple[str, ...] = ()
     min_image_px: Mapping[str, int] = field(default_factory=dict)
     tasks: tuple[Task, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Upper-case the required modalities (as the images' are) and reject unknown ones.
+
+        Without this a ``"mr"`` or a typo would never match any image and fail every patient
+        with a misleading "missing a required modality".
+        """
+        required = tuple(str(m).strip().upper() for m in self.required_modalities)
+        unknown = [m for m in required if m not in MODALITIES]
+        if unknown:
+            raise ValueError(
+                f"required_modalities {unknown} are not among the modalities {list(MODALITIES)}"
+            )
+        object.__setattr__(self, "required_modalities", required)
 
     @property
     def task_columns(self) -> tuple[str, ...]:
@@ -196,6 +228,7 @@ def build_manifest(
 
     measured = _measure_images(images, progress=progress)
     _check_decoded(measured, source["images"])
+    _check_unique_content(measured, source["images"])
     _check_min_size(measured, rules, source["images"])
 
     frame = measured.drop(columns=["error", "row"]).join(clinical, on="patient_id")
@@ -234,7 +267,13 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
 # --------------------------------------------------------------------------- loading tables
 
 
-def _read_table(path: Path, what: str, required: Iterable[str]) -> pd.DataFrame:
+def _read_table(
+    path: Path, what: str, required: Iterable[str], known: Iterable[str] | None = None
+) -> pd.DataFrame:
+    """Read a user table as stripped strings, checking its required columns.
+
+    With ``known``, columns outside it (and outside ``required``) are logged as ignored.
+    """
     if not path.is_file():
         raise ManifestError(f"{path}: {what} table not found")
     try:
@@ -248,7 +287,30 @@ def _read_table(path: Path, what: str, required: Iterable[str]) -> pd.DataFrame:
             f"{path}: {what} table lacks required columns {missing}; "
             f"present columns: {list(table.columns)}"
         )
+    if known is not None:
+        _warn_unknown_columns(table.columns, path, what, {*required, *known})
     return table.map(str.strip)
+
+
+def _warn_unknown_columns(columns: Iterable[str], path: Path, what: str, known: set[str]) -> None:
+    """Log the columns whose values nothing reads, with the closest known name as a hint."""
+    unknown = [c for c in columns if c not in known]
+    if not unknown:
+        return
+    hints = []
+    for column in unknown:
+        close = difflib.get_close_matches(column, sorted(known), n=1)
+        if close:
+            hints.append(f"{column!r} -> {close[0]!r}?")
+    log.warning(
+        "%s: %s table has columns that are ignored (neither known columns nor declared task "
+        "columns): %s%s; known columns: %s",
+        path,
+        what,
+        unknown,
+        f" (did you mean {', '.join(hints)})" if hints else "",
+        sorted(known),
+    )
 
 
 def _ordered_columns(frame: pd.DataFrame) -> list[str]:
@@ -263,9 +325,12 @@ def _load_cohort_folder(
         raise ManifestError(f"{root}: cohort folder not found")
     clinical_path, images_path = root / "clinical.tsv", root / "images.tsv"
     clinical = _read_table(
-        clinical_path, "clinical", ("patient_id", "disease", *rules.task_columns)
+        clinical_path,
+        "clinical",
+        ("patient_id", "disease", *rules.task_columns),
+        known=CLINICAL_COLUMNS,
     )
-    images = _read_table(images_path, "images", IMAGE_COLUMNS)
+    images = _read_table(images_path, "images", IMAGE_COLUMNS, known=("mpp",))
     for column in OPTIONAL_LABEL_COLUMNS:
         if column not in clinical.columns:
             clinical[column] = ""
@@ -280,6 +345,8 @@ def _load_cohort_folder(
     if "mpp" not in images.columns:
         images["mpp"] = ""
     images["row"] = _row_numbers(images)
+    # only the read columns: an ignored label column (``disease``) would clash with clinical's
+    images = images[[*IMAGE_COLUMNS, "mpp", "row"]]
     source = {"clinical": clinical_path, "images": images_path, "base": root}
     return images, clinical, source
 
@@ -287,7 +354,12 @@ def _load_cohort_folder(
 def _load_user_manifest(
     path: Path, rules: ManifestRules
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    table = _read_table(path, "manifest", (*IMAGE_COLUMNS, "disease", *rules.task_columns))
+    table = _read_table(
+        path,
+        "manifest",
+        (*IMAGE_COLUMNS, "disease", *rules.task_columns),
+        known=(*CLINICAL_COLUMNS, "mpp"),
+    )
     for column in OPTIONAL_LABEL_COLUMNS:
         if column not in table.columns:
             table[column] = ""
@@ -390,7 +462,7 @@ def _task_label_problems(clinical: pd.DataFrame, tasks: Sequence[Task]) -> list[
 def _check_images_table(
     images: pd.DataFrame, path: Path, base: Path, known_patients: set[str]
 ) -> pd.DataFrame:
-    """Check ids, modalities and duplicates; add resolved ``path`` and ``image_id``."""
+    """Check ids, modalities and duplicates; add absolute ``path`` and ``image_id``."""
     images = images.copy()
     images["modality"] = images["modality"].str.upper()
     lines = []
@@ -418,7 +490,7 @@ def _check_images_table(
         ]
         raise ManifestError(_listing(path, "images of patients not in the clinical table", lines))
 
-    images["path"] = [str(_resolve(base, p)) for p in images["path"]]
+    images["path"] = [str(_absolute(base, p)) for p in images["path"]]
     images["image_id"] = [_image_id(base, Path(p)) for p in images["path"]]
     for column, what in (("path", "duplicate image paths"), ("image_id", "duplicate image ids")):
         duplicated = images[images[column].duplicated(keep=False)]
@@ -436,20 +508,30 @@ def _image_id(base: Path, path: Path) -> str:
     """The path below the cohort folder without its suffix (``om/P001``), else the stem.
 
     Keeping the folder makes ids unique in the common layouts with one folder per modality
-    (``om/P001.jpg``, ``im/P001.jpg``) or per patient (``P001/om.jpg``).
+    (``om/P001.jpg``, ``im/P001.jpg``) or per patient (``P001/om.jpg``). ``path`` is the
+    written path (links not followed), so a link ``P001/wsi.svs`` gives ``P001/wsi`` whatever
+    its target is called. The folder is tried as written, then with its links followed, so an
+    absolute path written through the folder's real location is still below it.
     """
-    try:
-        relative = path.relative_to(base.resolve())
-    except ValueError:
-        return image_stem(path)
-    return (relative.parent / image_stem(relative)).as_posix()
+    for root in dict.fromkeys((Path(os.path.abspath(base)), base.resolve())):
+        try:
+            relative = path.relative_to(root)
+        except ValueError:
+            continue
+        return (relative.parent / image_stem(relative)).as_posix()
+    return image_stem(path)
 
 
-def _resolve(base: Path, raw: str) -> Path:
+def _absolute(base: Path, raw: str) -> Path:
+    """``raw`` (relative to ``base``, ``~`` expanded) made absolute and normalised.
+
+    ``os.path.abspath`` rather than ``Path.resolve``: symbolic links are kept, so the id and
+    the path are the ones the user wrote, not those of the link's target.
+    """
     candidate = Path(raw).expanduser()
     if not candidate.is_absolute():
         candidate = base / candidate
-    return candidate.resolve()
+    return Path(os.path.abspath(candidate))
 
 
 def _check_required_modalities(
@@ -467,12 +549,43 @@ def _check_required_modalities(
 
 def _check_files_exist(images: pd.DataFrame, path: Path) -> None:
     lines = [
-        f"{row.path} (patient {row.patient_id!r}, row {row.row})"
+        f"{row.path} (patient {row.patient_id!r}, row {row.row}){_broken_link(row.path)}"
         for row in images.itertuples(index=False)
         if not os.path.exists(row.path)
     ]
     if lines:
         raise ManifestError(_listing(path, "image files not found", lines))
+
+
+def _broken_link(path: str) -> str:
+    """`` (a broken symbolic link to X)`` when ``path`` is one, else empty."""
+    if not os.path.islink(path):
+        return ""
+    return f" (a broken symbolic link to {os.readlink(path)})"
+
+
+def _check_unique_content(measured: pd.DataFrame, path: Path) -> None:
+    """Reject one image content (sha256) on several rows, naming every row of each.
+
+    Across patients one image could fall in two partitions of a split (leakage); within one
+    patient it would weigh double (see the module docstring). Links to one file, copies and
+    a file listed under two spellings are all caught here, as the digest is of the content.
+    """
+    duplicated = measured[measured["sha256"].duplicated(keep=False)]
+    lines = []
+    for digest, group in duplicated.groupby("sha256", sort=True):
+        patients = sorted(set(group["patient_id"]))
+        if len(patients) > 1:
+            why = f"in {len(patients)} patients {patients}: one image in two partitions"
+        else:
+            why = f"{len(group)} times in patient {patients[0]!r}: one image counted twice"
+        rows = "; ".join(
+            f"row {row.row} {row.path} (patient {row.patient_id!r}, image_id {row.image_id!r})"
+            for row in group.sort_values("row").itertuples(index=False)
+        )
+        lines.append(f"sha256 {digest[:12]}... {why}: {rows}")
+    if lines:
+        raise ManifestError(_listing(path, "the same image content on several rows", lines))
 
 
 def _check_decoded(measured: pd.DataFrame, path: Path) -> None:

@@ -10,16 +10,27 @@ crops). Here each needed slide pixel is decoded about once:
 2. sort the regions into blocks of at most ``block_px`` x ``block_px`` pixels at that level (a
    grid over the slide; a region belongs to the cell holding its top-left corner and the block
    read is extended to cover all its regions);
-3. read each block once with ``openslide.OpenSlide.read_region``, composite over white, crop
-   every region in memory and resize it with PIL's ``BOX`` filter (area average).
+3. read each block once through a slide reader (:class:`OpenSlideReader` for the vendor formats,
+   :class:`TiffReader` for OME-TIFF), fill the parts outside the slide with a background colour,
+   crop every region in memory and resize it with PIL's ``BOX`` filter (area average).
 
-The result is pixel-identical to the straightforward per-region read (see ``_reference_patch``
-in the tests). OpenSlide interpolates when a level-0 coordinate is not a multiple of the
-downsample (sub-pixel offset at that level); a crop from a block is only identical to such a
-read when the block has the same sub-pixel phase, so regions are also grouped by phase. Patch
-grids whose stride is a multiple of the downsample have a single phase; on slides with
-non-integer downsamples many phases may occur, and blocks then hold fewer regions (correct, but
-slower).
+OME-TIFF goes through tifffile because OpenSlide cannot open it, and because the JPEG tiles that
+QuPath/Bio-Formats writes are YCbCr under an RGB tag: tifffile + imagecodecs decodes them with
+the right colours, libvips does not. The reader reads only the tiles a block touches.
+
+Regions crossing the slide edge are padded with ``background`` (white by default, as
+OpenSlide composites). The pipeline passes each slide's own background
+(:func:`estimate_background`): white padding on a dark fluorescence slide is a bright artefact
+that a model would learn from.
+
+The result (white background, OpenSlide reader) is pixel-identical to the straightforward
+per-region read (see ``reference_patches`` in the tests). OpenSlide interpolates when a level-0
+coordinate is not a multiple of the downsample (sub-pixel offset at that level); a crop from a
+block is only identical to such a read when the block has the same sub-pixel phase, so regions
+are also grouped by phase. Patch grids whose stride is a multiple of the downsample have a
+single phase; on slides with non-integer downsamples many phases may occur, and blocks then
+hold fewer regions (correct, but slower). The tifffile reader does not interpolate (it reads
+at the floored level coordinate), so there a crop always equals the per-region read.
 """
 
 from __future__ import annotations
@@ -34,13 +45,27 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import openslide
 import openslide.lowlevel
 from PIL import Image
 
-__all__ = ["choose_level", "extract_patches", "extract_patches_multiscale"]
+from mmdiag.patching.slide import OME_SUFFIXES
+
+__all__ = [
+    "OpenSlideReader",
+    "SlideReader",
+    "TiffReader",
+    "choose_level",
+    "estimate_background",
+    "extract_patches",
+    "extract_patches_multiscale",
+    "open_reader",
+]
+
+WHITE = (255, 255, 255)
 
 # A level whose downsample exceeds the wanted one by at most 1 % still counts as "fine enough"
 # (Aperio pyramids store downsamples such as 4.0002).
@@ -60,13 +85,215 @@ class _Block:
     groups: tuple[tuple[int, np.ndarray, np.ndarray, int], ...]
 
 
-def _open_slide(slide_path: Path) -> openslide.OpenSlide:
+class SlideReader(Protocol):
+    """What the engine needs of a slide: its pyramid and region reads.
+
+    ``read_region`` follows OpenSlide's convention: ``location`` is the top-left corner in
+    level-0 pixels, ``size`` is in pixels of ``level``, and the result is an (h, w, 3) uint8
+    RGB array in which every pixel outside the slide is ``background``.
+    """
+
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        background: tuple[int, int, int] = WHITE,
+    ) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+class OpenSlideReader:
+    """A slide OpenSlide reads (Aperio, Hamamatsu, MIRAX, generic tiled TIFF, ...)."""
+
+    kind = "openslide"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._slide = openslide.OpenSlide(os.fspath(path))
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
+
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        background: tuple[int, int, int] = WHITE,
+    ) -> np.ndarray:
+        """OpenSlide's ``read_region`` composited over ``background`` (see the protocol)."""
+        return _read_openslide_rgb(self._slide, location, level, size, background)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class TiffReader:
+    """An OME-TIFF read with tifffile: each pyramid level as a zarr array over its tiles.
+
+    Only the tiles a read touches are decoded. Level ``k`` is read at
+    ``floor(location / downsample_k)`` without interpolation (downsamples are level-0 width
+    over level width, as :class:`mmdiag.patching.slide.Slide` computes them).
+    """
+
+    kind = "tifffile"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        import tifffile
+        import zarr
+
+        self._tiff = tifffile.TiffFile(os.fspath(path))
+        try:
+            series = self._tiff.series[0]
+            shape = series.shape
+            grey = series.axes == "YX"
+            if series.dtype != np.uint8 or not (
+                grey or (series.axes == "YXS" and shape[-1] in (3, 4))
+            ):
+                raise ValueError(
+                    f"unsupported OME-TIFF layout axes={series.axes} shape={shape} "
+                    f"dtype={series.dtype} (need uint8 YX or YXS with 3 or 4 samples)"
+                )
+            self._levels = [
+                zarr.open_array(series.aszarr(level=k), mode="r") for k in range(len(series.levels))
+            ]
+        except Exception:
+            self._tiff.close()
+            raise
+        self.level_dimensions = tuple((int(a.shape[1]), int(a.shape[0])) for a in self._levels)
+        width0 = self.level_dimensions[0][0]
+        self.level_downsamples = tuple(width0 / w for w, _ in self.level_dimensions)
+
+    def read_region(
+        self,
+        location: tuple[int, int],
+        level: int,
+        size: tuple[int, int],
+        background: tuple[int, int, int] = WHITE,
+    ) -> np.ndarray:
+        """The level's pixels under the region, ``background`` outside the slide."""
+        width, height = size
+        downsample = self.level_downsamples[level]
+        level_w, level_h = self.level_dimensions[level]
+        # Same float division as the block planner, so crop offsets match.
+        x, y = math.floor(location[0] / downsample), math.floor(location[1] / downsample)
+        out = np.empty((height, width, 3), np.uint8)
+        out[...] = background
+        xa, ya = max(x, 0), max(y, 0)
+        xb, yb = min(x + width, level_w), min(y + height, level_h)
+        if xa < xb and ya < yb:
+            window = np.asarray(self._levels[level][ya:yb, xa:xb])
+            out[ya - y : yb - y, xa - x : xb - x] = _window_rgb(window, background)
+        return out
+
+    def close(self) -> None:
+        self._tiff.close()
+        self._levels = []
+
+
+def _window_rgb(window: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Grey to RGB; RGBA composited over ``background``; RGB as it is."""
+    if window.ndim == 2:
+        return window[..., None]
+    if window.shape[2] == 4:
+        alpha = window[..., 3:4].astype(np.float32) / 255.0
+        back = np.asarray(background, np.float32)
+        rgb = window[..., :3].astype(np.float32) * alpha + back * (1.0 - alpha)
+        return np.rint(rgb).astype(np.uint8)
+    return window
+
+
+def open_reader(slide_path: str | os.PathLike) -> SlideReader:
+    """Open a slide for the engine: OME-TIFF with tifffile, anything else with OpenSlide.
+
+    A file OpenSlide does not recognise is still read with tifffile when it is an OME-TIFF
+    under another name. Raises ``ValueError`` naming the file when it is missing or unreadable.
+    """
+    slide_path = Path(slide_path)
     if not slide_path.is_file():
         raise ValueError(f"slide_path: no such slide file: {str(slide_path)!r}")
+    if slide_path.name.lower().endswith(OME_SUFFIXES):
+        return _open_tiff(slide_path)
     try:
-        return openslide.OpenSlide(str(slide_path))
+        return OpenSlideReader(slide_path)
+    except openslide.OpenSlideUnsupportedFormatError as error:
+        if _is_ome_tiff(slide_path):
+            return _open_tiff(slide_path)
+        raise ValueError(f"slide_path: cannot read slide {str(slide_path)!r}: {error}") from error
     except (openslide.OpenSlideError, OSError) as error:
         raise ValueError(f"slide_path: cannot read slide {str(slide_path)!r}: {error}") from error
+
+
+def _open_tiff(slide_path: Path) -> TiffReader:
+    try:
+        return TiffReader(slide_path)
+    except Exception as error:  # tifffile raises many types on damaged files
+        raise ValueError(
+            f"slide_path: cannot read OME-TIFF {str(slide_path)!r}: {error}"
+        ) from error
+
+
+def _is_ome_tiff(slide_path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(slide_path) as tiff:
+            return bool(tiff.is_ome)
+    except Exception:  # not a TIFF at all
+        return False
+
+
+def _open_reader_kind(slide_path: str, kind: str) -> SlideReader:
+    """The reader class the parent process chose, so that every worker reads alike."""
+    return TiffReader(slide_path) if kind == TiffReader.kind else OpenSlideReader(slide_path)
+
+
+def estimate_background(
+    thumbnail: np.ndarray, mask: np.ndarray | None = None, *, frame: float = 0.02
+) -> tuple[int, int, int]:
+    """The slide's background colour: the per-channel median of the thumbnail's border.
+
+    The border is a frame ``frame`` of the shorter side wide (at least one pixel): what lies
+    just inside the slide edge is the best guess for what lies past it (glass on brightfield,
+    near-black on fluorescence). When a tissue ``mask`` of the thumbnail's shape is given and
+    at least a tenth of the frame is not tissue, only those frame pixels count, so tissue
+    touching the edge does not colour the background.
+    """
+    thumbnail = np.asarray(thumbnail)
+    if thumbnail.ndim == 2:
+        thumbnail = thumbnail[..., None].repeat(3, axis=2)
+    if thumbnail.ndim != 3 or thumbnail.shape[2] < 3 or not thumbnail.size:
+        raise ValueError(f"thumbnail: expected an (h, w, 3) image; got {thumbnail.shape}")
+    height, width = thumbnail.shape[:2]
+    side = max(1, round(frame * min(height, width)))
+    border = np.zeros((height, width), bool)
+    border[:side] = border[-side:] = True
+    border[:, :side] = border[:, -side:] = True
+    if mask is not None and np.shape(mask) == (height, width):
+        glass = border & ~np.asarray(mask, bool)
+        if glass.sum() >= 0.1 * border.sum():
+            border = glass
+    median = np.median(thumbnail[border][:, :3], axis=0)
+    return tuple(int(v) for v in np.rint(median))
+
+
+def _validate_background(background) -> tuple[int, int, int]:
+    values = np.atleast_1d(np.asarray(background))
+    if values.shape == (1,):
+        values = values.repeat(3)
+    if (
+        values.shape != (3,)
+        or not np.issubdtype(values.dtype, np.integer)
+        or (values < 0).any()
+        or (values > 255).any()
+    ):
+        raise ValueError(
+            f"background: expected an integer or 3 integers in [0, 255]; got {background!r}"
+        )
+    return tuple(int(v) for v in values)
 
 
 def choose_level(level_downsamples: Sequence[float], level0_px: float, out_px: int) -> int:
@@ -185,16 +412,20 @@ def _bgra_to_rgb(words: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def _read_rgb_over_white(
-    slide: openslide.OpenSlide, location: tuple[int, int], level: int, size: tuple[int, int]
+def _read_openslide_rgb(
+    slide: openslide.OpenSlide,
+    location: tuple[int, int],
+    level: int,
+    size: tuple[int, int],
+    background: tuple[int, int, int] = WHITE,
 ) -> np.ndarray:
-    """``read_region`` composited over white, as an (h, w, 3) uint8 RGB array (maybe a view).
+    """``read_region`` composited over ``background``, as (h, w, 3) uint8 RGB (maybe a view).
 
     Reads OpenSlide's premultiplied ARGB words straight into a numpy buffer when the low-level
     binding allows it (skipping the RGBA PIL image and its copies). Pixels of alpha 255 are
-    their colour and pixels of alpha 0 (outside the slide) are white after compositing, both
-    exactly as ``Image.alpha_composite`` gives them; a block with partial alpha takes the PIL
-    path.
+    their colour and pixels of alpha 0 (outside the slide) are ``background`` after
+    compositing, both exactly as ``Image.alpha_composite`` gives them; a block with partial
+    alpha takes the PIL path.
     """
     width, height = size
     read = getattr(openslide.lowlevel, "_read_region", None)
@@ -214,13 +445,14 @@ def _read_rgb_over_white(
         alpha = words >> 24
         transparent = alpha == 0
         if (transparent | (alpha == 255)).all():
-            words[transparent] = 0xFFFFFFFF
+            red, green, blue = background
+            words[transparent] = 0xFF000000 | red << 16 | green << 8 | blue
             return _bgra_to_rgb(words)
     rgba = slide.read_region(location, level, size)
     if rgba.getchannel("A").getextrema()[0] == 255:
         return np.asarray(rgba.convert("RGB"))
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    back = Image.new("RGBA", rgba.size, (*background, 255))
+    return np.asarray(Image.alpha_composite(back, rgba).convert("RGB"))
 
 
 def _box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
@@ -293,14 +525,18 @@ def _fill_group(
 
 
 def _extract_block(
-    slide: openslide.OpenSlide,
+    reader: SlideReader,
     block: _Block,
     out_px: int,
     outputs: list[np.ndarray] | None = None,
+    background: tuple[int, int, int] = WHITE,
 ) -> list[np.ndarray | None]:
     """Patches of one block, per group; written straight into ``outputs`` when given."""
-    rgb = _read_rgb_over_white(
-        slide, (block.x0_level0, block.y0_level0), block.level, (block.width_px, block.height_px)
+    rgb = reader.read_region(
+        (block.x0_level0, block.y0_level0),
+        block.level,
+        (block.width_px, block.height_px),
+        background,
     )
     results: list[np.ndarray | None] = []
     for scale, indices, offsets, side_px in block.groups:
@@ -314,8 +550,9 @@ def _extract_block(
     return results
 
 
-_worker_slide: openslide.OpenSlide | None = None
+_worker_reader: SlideReader | None = None
 _worker_outputs: list[np.ndarray] | None = None
+_worker_background: tuple[int, int, int] = WHITE
 
 
 def _shared_outputs(buffer: mmap.mmap, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
@@ -328,9 +565,12 @@ def _shared_outputs(buffer: mmap.mmap, shapes: Sequence[tuple[int, ...]]) -> lis
     return outputs
 
 
-def _init_worker(slide_path: str, shared_path: str | None, shapes) -> None:
-    global _worker_slide, _worker_outputs
-    _worker_slide = openslide.OpenSlide(slide_path)
+def _init_worker(
+    slide_path: str, kind: str, background: tuple[int, int, int], shared_path: str | None, shapes
+) -> None:
+    global _worker_reader, _worker_outputs, _worker_background
+    _worker_reader = _open_reader_kind(slide_path, kind)
+    _worker_background = background
     if shared_path is not None:
         with open(shared_path, "r+b") as file:
             size = sum(math.prod(shape) for shape in shapes)
@@ -338,8 +578,8 @@ def _init_worker(slide_path: str, shared_path: str | None, shapes) -> None:
 
 
 def _extract_block_in_worker(block: _Block, out_px: int) -> list[np.ndarray | None]:
-    assert _worker_slide is not None
-    return _extract_block(_worker_slide, block, out_px, _worker_outputs)
+    assert _worker_reader is not None
+    return _extract_block(_worker_reader, block, out_px, _worker_outputs, _worker_background)
 
 
 def _allocate_outputs(
@@ -361,24 +601,25 @@ def _allocate_outputs(
 
 
 def _run_blocks(
-    slide: openslide.OpenSlide,
+    reader: SlideReader,
     slide_path: Path,
     blocks: list[_Block],
     out_px: int,
     workers: int,
     outputs: list[np.ndarray],
     shared_path: str | None,
+    background: tuple[int, int, int],
 ) -> Iterator[tuple[_Block, list[np.ndarray | None]]]:
     if workers == 1 or len(blocks) <= 1:
         for block in blocks:
-            yield block, _extract_block(slide, block, out_px, outputs)
+            yield block, _extract_block(reader, block, out_px, outputs, background)
         return
     shapes = [o.shape for o in outputs]
     with ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(str(slide_path), shared_path, shapes),
+        initargs=(str(slide_path), reader.kind, background, shared_path, shapes),
     ) as pool:
         # Largest blocks first keeps the workers busy to the end.
         by_size = sorted(blocks, key=lambda b: -b.width_px * b.height_px)
@@ -395,6 +636,7 @@ def extract_patches_multiscale(
     workers: int = 1,
     block_px: int = 4096,
     progress: bool = False,
+    background: int | Sequence[int] = WHITE,
 ) -> list[np.ndarray]:
     """Extract several region sets (e.g. 20x patches and their 10x/5x contexts) in one pass.
 
@@ -414,19 +656,22 @@ def extract_patches_multiscale(
         raise ValueError(f"workers: expected a positive integer; got {workers!r}")
     if not isinstance(block_px, int | np.integer) or block_px < 1:
         raise ValueError(f"block_px: expected a positive integer; got {block_px!r}")
+    background = _validate_background(background)
     regions_per_scale = [
         _validate_regions(r, f"regions_per_scale[{i}]") for i, r in enumerate(regions_per_scale)
     ]
-    slide = _open_slide(slide_path)
+    reader = open_reader(slide_path)
     try:
         blocks = _plan_blocks(
-            regions_per_scale, slide.level_downsamples, out_px, block_px, slide.level_dimensions
+            regions_per_scale, reader.level_downsamples, out_px, block_px, reader.level_dimensions
         )
         shapes = [(len(r), out_px, out_px, 3) for r in regions_per_scale]
         parallel = workers > 1 and len(blocks) > 1
         outputs, shared_path, fd = _allocate_outputs(shapes, shared=parallel)
         try:
-            results = _run_blocks(slide, slide_path, blocks, out_px, workers, outputs, shared_path)
+            results = _run_blocks(
+                reader, slide_path, blocks, out_px, workers, outputs, shared_path, background
+            )
             if progress:
                 from rich.progress import track
 
@@ -441,7 +686,7 @@ def extract_patches_multiscale(
             if fd is not None:
                 os.close(fd)
     finally:
-        slide.close()
+        reader.close()
     return outputs
 
 
@@ -453,16 +698,17 @@ def extract_patches(
     workers: int = 1,
     block_px: int = 4096,
     progress: bool = False,
+    background: int | Sequence[int] = WHITE,
 ) -> np.ndarray:
     """Read square level-0 regions of a slide, resized to ``out_px``, decoding each pixel once.
 
     Parameters
     ----------
     slide_path : str or Path
-        Any slide OpenSlide reads.
+        Any slide OpenSlide reads, or an OME-TIFF (read with tifffile; see :func:`open_reader`).
     regions : numpy.ndarray
         (N, 3) integers ``x0, y0, size``: top-left corner and side, in level-0 pixels; all N
-        regions have the same ``size``. Parts outside the slide come out white.
+        regions have the same ``size``. Parts outside the slide come out ``background``.
     out_px : int
         Side of each returned patch, in pixels.
     workers : int, default 1
@@ -474,6 +720,10 @@ def extract_patches(
         depend on it; larger blocks cost memory (about 4 * block_px**2 bytes per worker).
     progress : bool, default False
         Show a progress bar over blocks.
+    background : int or 3 ints, default white
+        RGB colour of the pixels outside the slide (an int is grey), e.g. the slide's own
+        background from :func:`estimate_background`, so that a region crossing the edge of a
+        dark slide is not padded with bright white.
 
     Returns
     -------
@@ -488,7 +738,8 @@ def extract_patches(
     Notes
     -----
     The level read is the coarsest with downsample ``ds <= size / out_px * 1.01``. Patch ``i``
-    equals ``read_region((x0, y0), level, (ceil(size / ds),) * 2)`` composited over white and
+    equals ``read_region((x0, y0), level, (ceil(size / ds),) * 2)`` composited over white (the
+    default ``background``) and
     resized with ``PIL.Image.resize((out_px, out_px), BOX)``, pixel for pixel.
     """
     return extract_patches_multiscale(
@@ -498,4 +749,5 @@ def extract_patches(
         workers=workers,
         block_px=block_px,
         progress=progress,
+        background=background,
     )[0]

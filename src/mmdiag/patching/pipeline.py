@@ -1,5 +1,9 @@
 """Patch one whole-slide image: tissue mask, concentric multi-scale grid, pixels, zarr store.
 
+Contexts crossing the slide edge are padded with the slide's own background colour (the median
+of the thumbnail's non-tissue border, :func:`~mmdiag.patching.engine.estimate_background`),
+recorded in the store's ``attrs["background"]``.
+
 Side effects: writes the slide's zarr store, its tissue mask PNG and a QC overlay PNG (the
 thumbnail, the mask contour and the patch grid), each atomically.
 """
@@ -16,11 +20,12 @@ import numpy as np
 import mmdiag
 from mmdiag.data.manifest import read_manifest
 from mmdiag.io import sha256_file
-from mmdiag.patching.engine import extract_patches_multiscale
+from mmdiag.patching.engine import estimate_background, extract_patches_multiscale
 from mmdiag.patching.slide import Slide
 from mmdiag.patching.store import write_patch_store
 from mmdiag.patching.tiling import concentric_grid, grid_scales
 from mmdiag.patching.tissue import (
+    QC_MIN_LONG_SIDE_PX,
     refine_with_sam,
     tissue_mask,
     write_mask_png,
@@ -45,7 +50,7 @@ def patch_slide(
     with Slide(slide_path, mpp_override=mpp_override, default_mpp=settings["default_mpp"]) as slide:
         info = slide.info
         thumbnail, thumb_mpp = slide.thumbnail(settings["thumbnail_mpp"])
-    mask = tissue_mask(thumbnail, **settings["tissue"])
+    mask = tissue_mask(thumbnail, **settings["tissue"], name=str(slide_path))
     sam = settings["tissue_sam"]
     if sam["checkpoint"]:
         from mmdiag.segment.sam import load_sam
@@ -66,7 +71,8 @@ def patch_slide(
     names = grid_scales(grid)
     boxes = _thumbnail_boxes(grid, names[0], info.mpp / thumb_mpp)
     write_mask_png(mask, mask_path)
-    write_tissue_qc(thumbnail, mask, boxes, qc_path)
+    write_tissue_qc(thumbnail, mask, boxes, qc_path, min_long_side_px=QC_MIN_LONG_SIDE_PX)
+    background = estimate_background(thumbnail, mask)
     pixels = None
     if settings["save_pixels"]:
         regions = [grid[[f"x_{n}", f"y_{n}", f"size_{n}"]].to_numpy() for n in names]
@@ -77,6 +83,7 @@ def patch_slide(
             workers=settings["workers"],
             block_px=settings["block_px"],
             progress=progress,
+            background=background,
         )
         pixels = dict(zip(names, arrays, strict=True))
     attrs = {
@@ -85,6 +92,7 @@ def patch_slide(
         "mpp": info.mpp,
         "mpp_source": info.mpp_source,
         "objective_power": info.objective_power,
+        "background": list(background),
         "scales": names,
         "parameters": dict(settings),
         "mmdiag_version": mmdiag.__version__,

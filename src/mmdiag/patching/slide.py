@@ -246,7 +246,10 @@ class Slide:
         if override is not None:
             value = _positive_float(override)
             if value is None:
-                raise SlideError(f"slide {self.path}: mpp_override must be > 0, got {override!r}")
+                raise SlideError(
+                    f"slide {self.path}: mpp (the manifest's mpp column) must be > 0, "
+                    f"got {override!r}"
+                )
             return value, "override"
         if metadata_mpp is not None:
             return metadata_mpp, "metadata"
@@ -264,7 +267,7 @@ class Slide:
             return value, "default"
         raise SlideError(
             f"slide {self.path}: µm/px is unknown (no mpp metadata, no objective power); "
-            "give it in the manifest's mpp column (mpp_override) or set patching default_mpp"
+            "give it in the manifest's mpp column or set patching.default_mpp"
         )
 
     # -- reading ---------------------------------------------------------------------------

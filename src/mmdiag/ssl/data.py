@@ -85,7 +85,10 @@ class EpochBatches(Sampler[list[int]]):
 
     def __init__(self, n_items: int, batch_size: int, context: DistContext, seed: int) -> None:
         if batch_size > n_items:
-            raise ValueError(f"batch size {batch_size} exceeds the {n_items} patches")
+            raise ValueError(
+                f"batch size {batch_size} (ssl.batch_size) exceeds the {n_items} patches of "
+                "the cohort: lower ssl.batch_size or patch more tissue"
+            )
         self.n_items, self.batch_size, self.context, self.seed = n_items, batch_size, context, seed
         self.epoch = 0
 

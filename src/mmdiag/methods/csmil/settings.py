@@ -16,6 +16,20 @@ def binary_classes(classes: Sequence[str], positive_class: str) -> list[str]:
     return list(classes)
 
 
+def config_problems(method: str, settings: Mapping, config: Mapping):
+    """Checked when the config is validated (before any job runs): CS-MIL's cohort must have
+    exactly two classes, ``positive_class`` among them."""
+    from mmdiag.config import cohort_manifest_rules
+
+    if settings["cohort"] not in config.get("cohorts", {}):
+        return
+    classes = cohort_manifest_rules(config, settings["cohort"])["classes"]
+    try:
+        binary_classes(classes, settings["positive_class"])
+    except ValueError as error:
+        yield f"methods.{method}: {error} (cohort {settings['cohort']!r})"
+
+
 def cluster_column(variant_settings: Mapping) -> str:
     """The clusters.tsv column that stratifies a variant's bags (Table 1's Clustering column):
     ``cluster`` (20x) unless the variant names another scale."""
