@@ -184,3 +184,19 @@ def test_config_files_layer_over_the_defaults_unless_told_not_to(tmp_path, monke
     # naming a default again keeps it in its place; other files come after the defaults
     assert config_file_stack([mine, Path("config/methods/cmus.yaml")]) == [*defaults, mine]
     assert config_file_stack([mine], defaults=False) == [mine]
+
+
+def test_help_hides_the_internal_settings_json_option():
+    result = runner.invoke(app, ["splits", "--help"])
+    assert result.exit_code == 0
+    assert "--settings-json" not in result.output and "--config" in result.output
+
+
+def test_stage_logs_keep_pyvips_warnings_only():
+    import logging
+
+    from mmdiag.cli_support import setup_logging
+
+    setup_logging()
+    assert logging.getLogger("pyvips").getEffectiveLevel() == logging.WARNING
+    assert logging.getLogger("mmdiag").getEffectiveLevel() == logging.INFO

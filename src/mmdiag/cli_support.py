@@ -30,7 +30,10 @@ ConfigFiles = Annotated[
 ]
 SettingsJson = Annotated[
     str | None,
-    typer.Option(help="Validated settings as JSON (how Snakemake passes them); replaces --config."),
+    typer.Option(
+        help="Validated settings as JSON (how Snakemake passes them); replaces --config.",
+        hidden=True,  # internal: the workflow's rules pass it; people give --config
+    ),
 ]
 ManifestPath = Annotated[Path, typer.Option("--manifest", help="Manifest TSV.")]
 SplitsPath = Annotated[Path, typer.Option("--splits", help="Split JSON.")]
@@ -155,3 +158,5 @@ def setup_logging() -> None:
         stream=sys.stderr,
         force=True,
     )
+    # libvips logs every loader call at INFO; only its warnings belong in a stage's log
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
