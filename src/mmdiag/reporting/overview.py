@@ -9,14 +9,13 @@ the number its paper reports for that row (``methods.<name>.headline`` in the co
 
 from __future__ import annotations
 
-import html
 import platform
 from collections.abc import Mapping
 from pathlib import Path
 
 import mmdiag
 from mmdiag.io import atomic_path, read_tsv
-from mmdiag.reporting.tables import HTML_STYLE
+from mmdiag.reporting.tables import html_page, html_table
 
 __all__ = ["parse_named_paths", "render_overview", "write_overview"]
 
@@ -31,17 +30,6 @@ def _versions() -> dict[str, str]:
         "torch": str(torch.__version__),
         "python": platform.python_version(),
     }
-
-
-def _table(header: list[str], rows: list[list[str]], caption: str) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return (
-        f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
-        f"<tbody>{body}</tbody></table>"
-    )
 
 
 def cohort_rows(manifests: Mapping[str, Path]) -> list[list[str]]:
@@ -94,13 +82,15 @@ def render_overview(
     config: Mapping, manifests: Mapping[str, Path], summaries: Mapping[str, Path]
 ) -> str:
     """The overview page (see the module docstring) as a standalone HTML document."""
-    versions = _table(["package", "version"], [[k, v] for k, v in _versions().items()], "Software")
-    cohorts = _table(
+    versions = html_table(
+        ["package", "version"], [[k, v] for k, v in _versions().items()], "Software"
+    )
+    cohorts = html_table(
         ["cohort", "patients", "images", "images per modality"],
         cohort_rows(manifests),
         "Cohorts (from each manifest)",
     )
-    methods = _table(
+    methods = html_table(
         [
             "method",
             "family",
@@ -120,11 +110,8 @@ def render_overview(
         "cohort, so its numbers show that the pipeline runs end to end, not the papers' "
         "results; config/paper/ holds the papers' settings for real cohorts."
     )
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>mmdiag run</title>'
-        f"<style>{HTML_STYLE}</style></head><body><h1>mmdiag run overview</h1>"
-        f'{methods}{cohorts}{versions}<p class="note">{html.escape(note)}</p></body></html>\n'
-    )
+    body = f"<h1>mmdiag run overview</h1>{methods}{cohorts}{versions}"
+    return html_page("mmdiag run", body, note)
 
 
 def write_overview(

@@ -165,25 +165,36 @@ HTML_STYLE = (
 )
 
 
+def html_table(header: Sequence[str], rows: Sequence[Sequence], caption: str) -> str:
+    """An escaped HTML ``<table>``; a cell is its text, or ``(text, bold)``."""
+
+    def cell(value) -> str:
+        text, bold = value if isinstance(value, tuple) else (value, False)
+        text = html.escape(str(text))
+        return f"<td><b>{text}</b></td>" if bold else f"<td>{text}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
+    return (
+        f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+        f"<tbody>{body}</tbody></table>"
+    )
+
+
+def html_page(title: str, body: str, note: str = "") -> str:
+    """A standalone HTML page (the project's table style) around ``body``, with a note under it."""
+    note_html = f'<p class="note">{html.escape(note)}</p>' if note else ""
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{HTML_STYLE}</style></head><body>"
+        f"{body}{note_html}</body></html>\n"
+    )
+
+
 def render_html(summary: pd.DataFrame, stats: pd.DataFrame, *, title: str, **options) -> str:
     """A standalone HTML page holding the table (caption, bold best cells, footnote), for the
     Snakemake report and for a browser."""
     header, rows = _table_cells(summary, stats, **options)
     n_folds = int(summary["n_folds"].max())
     note = footnote(test=options["test"], n_folds=n_folds, scale=options["scale"])
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f"<td><b>{html.escape(t)}</b></td>" if bold else f"<td>{html.escape(t)}</td>"
-            for t, bold in cells
-        )
-        + "</tr>"
-        for cells in rows
-    )
-    return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{HTML_STYLE}</style></head><body>"
-        f"<table><caption>{html.escape(title)}</caption><thead><tr>{head}</tr></thead>"
-        f'<tbody>{body}</tbody></table><p class="note">{html.escape(note)}</p></body></html>\n'
-    )
+    return html_page(title, html_table(header, rows, title), note)

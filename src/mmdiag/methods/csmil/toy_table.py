@@ -6,14 +6,13 @@ Each cell is the mean over splits of that dataset's method (``results/csmil_micr
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from mmdiag.io import atomic_path, read_tsv
-from mmdiag.reporting.tables import HTML_STYLE
+from mmdiag.reporting.tables import html_page, html_table
 
 DATASETS = ("Micro-anomaly", "Macro-anomaly")
 METRICS = ("AUC", "AP")
@@ -68,21 +67,13 @@ def render_toy_latex(table: pd.DataFrame, *, digits: int = 4) -> str:
 def render_toy_html(table: pd.DataFrame, *, reference_label: str, digits: int = 4) -> str:
     """The same table as a standalone HTML page (for the report), best mean in bold."""
     best = table["Mean"].max()
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in [table.index.name, *table.columns])
     rows = []
     for name, row in table.iterrows():
         cells = [f"{value:.{digits}f}" for value in row]
         marker = " (Ref.)" if name == reference_label else ""
-        texts = [f"<td>{html.escape(f'{name}{marker}')}</td>"]
-        texts += [f"<td>{c}</td>" for c in cells[:-1]]
-        mean = f"<b>{cells[-1]}</b>" if row["Mean"] == best else cells[-1]
-        rows.append("<tr>" + "".join(texts) + f"<td>{mean}</td></tr>")
-    title = f"{TITLE} ({TITLE_NOTE})"
-    return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{TITLE}</title>'
-        f"<style>{HTML_STYLE}</style></head><body><table><caption>{html.escape(title)}</caption>"
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></body></html>\n"
-    )
+        rows.append([f"{name}{marker}", *cells[:-1], (cells[-1], bool(row["Mean"] == best))])
+    header = [table.index.name, *table.columns]
+    return html_page(TITLE, html_table(header, rows, f"{TITLE} ({TITLE_NOTE})"))
 
 
 def write_toy_table(
