@@ -200,3 +200,48 @@ def test_stage_logs_keep_pyvips_warnings_only():
     setup_logging()
     assert logging.getLogger("pyvips").getEffectiveLevel() == logging.WARNING
     assert logging.getLogger("mmdiag").getEffectiveLevel() == logging.INFO
+
+
+def _example_lines(command) -> list[str]:
+    """The epilog's example lines (each ends at a blank line; long ones are wrapped)."""
+    paragraphs = [p.replace("\n", " ").strip() for p in (command.epilog or "").split("\n\n")]
+    assert paragraphs[0] == "Examples:", command.name
+    return paragraphs[1:]
+
+
+def test_every_command_shows_examples_that_its_parser_accepts():
+    """Each example names its own command, only options that command has, and every
+    required option; the variants it names are configured."""
+    from mmdiag.cli_support import default_config_files
+    from mmdiag.config import load_config
+    from tests.cli_lines import check_command_line, visible_commands
+
+    settings = load_config(default_config_files(ROOT))
+    commands = list(visible_commands())
+    assert len(commands) >= 19
+    for path, command in commands:
+        lines = _example_lines(command)
+        assert lines, path
+        assert "Examples:" in runner.invoke(app, [*path[1:], "--help"]).output, path
+        for line in lines:
+            assert tuple(line.split()[: len(path)]) == path, line
+            check_command_line(line, settings)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["manifest", "--root", "cohort", "--out", "m.tsv"],
+        ["patch", "--manifest", "m.tsv", "--image-id", "a", "--out", "a.zarr"]
+        + ["--mask", "a.png", "--qc", "a_qc.png"],
+    ],
+    ids=["manifest", "patch"],
+)
+def test_outside_a_checkout_a_missing_config_is_one_line(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "error: no config file: give --config, or run in a checkout holding config/config.yaml"
+    )
+    assert not list(tmp_path.iterdir())

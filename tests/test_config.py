@@ -186,3 +186,16 @@ def test_vote_members_and_loss_weights_are_checked(demo_config):
         validate_config(bad)
     assert "late_vote.members" in str(error.value) and "['ghost']" in str(error.value)
     assert "variants.om.loss_weights: must sum to 1" in str(error.value)
+
+
+def test_a_cohort_can_ask_for_the_decode_check_alone(demo_config):
+    from mmdiag.config import cohort_manifest_rules
+
+    config = copy.deepcopy(demo_config)
+    config["cohorts"]["mine"] = {"root": "data/mine", "manifest_rules": {"verify": "decode"}}
+    resolved = validate_config(config)
+    assert cohort_manifest_rules(resolved, "mine")["verify"] == "decode"
+    assert cohort_manifest_rules(resolved, "demo")["verify"] == "header"
+    config["cohorts"]["mine"]["manifest_rules"]["verify"] = "pixels"
+    with pytest.raises(ConfigError, match="cohorts.mine.manifest_rules.verify"):
+        validate_config(config)

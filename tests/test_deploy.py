@@ -202,9 +202,10 @@ def _fenced_blocks(text: str):
             block.append(line)
 
 
-def documented_commands():
-    """(doc, line number, command) of every `snakemake ...` line in a fenced block of the
-    README and config/README.md, continuation lines (a trailing backslash) joined."""
+def documented_commands(program: str = "snakemake"):
+    """(doc, line number, command) of every `snakemake ...` (or other ``program``) line in a
+    fenced block of the README and config/README.md, continuation lines (a trailing
+    backslash) joined."""
     commands, seen = [], set()
     for doc in DOCS:
         for _, start, lines in _fenced_blocks((ROOT / doc).read_text()):
@@ -215,7 +216,7 @@ def documented_commands():
                     joined += line.strip()[:-1].strip() + " "
                     continue
                 command, joined = (joined + line.strip()).strip(), ""
-                if not command.startswith("snakemake "):
+                if not command.startswith(f"{program} "):
                     continue
                 try:  # the same command with another comment is one command
                     key = tuple(shlex.split(command, comments=True))
@@ -352,3 +353,20 @@ def test_documented_command_dry_runs(docs_copy, doc, line, command):
     result = _run([str(BIN / "snakemake"), *args], docs_copy)
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
     assert "This was a dry-run" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "doc, line, command",
+    [
+        pytest.param(*entry, id=f"{entry[0]}:{entry[1]}")
+        for entry in documented_commands(program="mmdiag")
+    ],
+)
+def test_documented_mmdiag_line_fits_the_command_line(doc, line, command):
+    """Each `mmdiag` line of the documentation names a command, only its options, every
+    option it requires, and configured variants (the section "Bring your own cohort" is also
+    run for real, in tests/test_byo_cohort.py)."""
+    from mmdiag.cli_support import default_config_files
+    from tests.cli_lines import check_command_line
+
+    check_command_line(command, load_config(default_config_files(ROOT)))

@@ -31,6 +31,7 @@ from mmdiag.patching import (
 from mmdiag.patching import store as store_module
 from mmdiag.patching.tissue import saturation_u8
 from mmdiag.synth.wsi import render_wsi, write_svs
+from tests.patching_settings import patching_settings
 
 openslide = pytest.importorskip("openslide")
 
@@ -471,3 +472,27 @@ def test_interrupted_and_incomplete_stores_are_refused(tmp_path, synthetic_svs, 
     assert str(target) in str(error.value)
     with pytest.raises(ValueError, match="cannot open"):
         open_patch_store(tmp_path / "absent.zarr")
+
+
+def test_a_slide_whose_content_is_not_the_manifests_is_refused(tmp_path, synthetic_svs):
+    """The manifest's checksum guards the patch job: a slide replaced after the manifest was
+    built stops it, naming the slide, before anything is written."""
+    from mmdiag.io import sha256_file
+    from mmdiag.patching.pipeline import patch_slide
+
+    path, _ = synthetic_svs
+    outputs = {
+        "store_path": tmp_path / "s.zarr",
+        "mask_path": tmp_path / "mask.png",
+        "qc_path": tmp_path / "qc.png",
+    }
+    settings = patching_settings(patch_px=64, context_factors=[2], thumbnail_mpp=4.0)
+    settings |= {"save_pixels": False, "workers": 1}
+    with pytest.raises(ValueError, match="content changed since the manifest") as error:
+        patch_slide(path, settings, expected_sha256="0" * 64, **outputs)
+    assert str(path) in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+    summary = patch_slide(path, settings, expected_sha256=sha256_file(path), **outputs)
+    assert summary["n_patches"] > 0 and outputs["store_path"].is_dir()
+    assert open_patch_store(outputs["store_path"]).attrs["sha256"] == sha256_file(path)

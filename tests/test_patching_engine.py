@@ -163,7 +163,8 @@ def test_grid_with_contexts_crosses_blocks(slide_path):
         np.testing.assert_array_equal(patches, single)
 
 
-def test_independent_of_workers_and_block_px(slide_path):
+def test_independent_of_workers_and_block_px(slide_path, monkeypatch):
+    monkeypatch.setattr(engine, "MIN_PX_PER_WORKER", 1)  # small slides: through the pool
     rng = np.random.default_rng(1)
     regions = random_regions(rng, 200, 128, margin=64)
     one = engine.extract_patches(slide_path, regions, out_px=64, workers=1, block_px=4096)
@@ -173,8 +174,9 @@ def test_independent_of_workers_and_block_px(slide_path):
     np.testing.assert_array_equal(one, two)
 
 
-def test_multiscale_workers_write_shared_outputs(slide_path):
+def test_multiscale_workers_write_shared_outputs(slide_path, monkeypatch):
     """Workers fill the (shared) outputs of all scales, as one process does."""
+    monkeypatch.setattr(engine, "MIN_PX_PER_WORKER", 1)  # small slides: through the pool
     xs, ys = np.meshgrid(np.arange(0, SLIDE_W, 256), np.arange(0, SLIDE_H, 256))
     centres = np.stack([xs.ravel() + 128, ys.ravel() + 128], axis=1)
     scales = [
@@ -307,7 +309,8 @@ def test_ome_pyramid_matches_direct_reads(ome_pyramid, size, out_px):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_ome_pyramid_workers(ome_pyramid):
+def test_ome_pyramid_workers(ome_pyramid, monkeypatch):
+    monkeypatch.setattr(engine, "MIN_PX_PER_WORKER", 1)  # small slides: through the pool
     path, _ = ome_pyramid
     xs, ys = np.meshgrid(np.arange(-64, OME_W, 128), np.arange(-64, OME_H, 128))
     regions = np.stack([xs.ravel(), ys.ravel(), np.full(xs.size, 256)], axis=1)
@@ -342,7 +345,8 @@ def dark_slide(tmp_path_factory) -> Path:
     )
 
 
-def test_dark_slide_padding_is_its_background(dark_slide):
+def test_dark_slide_padding_is_its_background(dark_slide, monkeypatch):
+    monkeypatch.setattr(engine, "MIN_PX_PER_WORKER", 1)  # small slides: through the pool
     from mmdiag.patching.slide import Slide
 
     with Slide(dark_slide) as slide:

@@ -22,6 +22,7 @@ from mmdiag.data.manifest import MANIFEST_COLUMNS, write_manifest
 from mmdiag.patching import engine
 from mmdiag.patching.pipeline import patch_manifest_slide, patch_slide
 from mmdiag.patching.store import open_patch_store
+from tests.patching_settings import patching_settings
 
 openslide = pytest.importorskip("openslide")
 
@@ -34,25 +35,7 @@ OME_MPP = {
 DAPI = REAL_WSI / "test3-DAPI-2-387.ndpi"
 PATCH_PX = 128
 
-SETTINGS = {
-    "base_mpp": 0.5,
-    "patch_px": 256,
-    "context_factors": [2, 4],
-    "min_tissue": 0.5,
-    "thumbnail_mpp": 8.0,
-    "default_mpp": None,
-    "save_pixels": True,
-    "workers": 1,
-    "block_px": 4096,
-    "tissue": {
-        "saturation_threshold": None,
-        "median_px": 7,
-        "closing_px": 5,
-        "min_object_px": 64,
-        "min_hole_px": 64,
-    },
-    "tissue_sam": {"checkpoint": None, "model_type": "vit_b"},
-}
+SETTINGS = patching_settings(workers=1)
 
 
 def _real(path: Path) -> Path:
@@ -121,14 +104,16 @@ def ome_stores(tmp_path_factory) -> dict[str, object]:
             "block_px": 300 if parallel else 4096,
         }
         stem = row["image_id"]
-        summary = patch_manifest_slide(
-            manifest,
-            stem,
-            settings,
-            store_path=root / f"{stem}.zarr",
-            mask_path=root / f"{stem}.png",
-            qc_path=root / f"{stem}-qc.png",
-        )
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine, "MIN_PX_PER_WORKER", 1)  # a small slide, through the pool
+            summary = patch_manifest_slide(
+                manifest,
+                stem,
+                settings,
+                store_path=root / f"{stem}.zarr",
+                mask_path=root / f"{stem}.png",
+                qc_path=root / f"{stem}-qc.png",
+            )
         stores[name] = (summary, open_patch_store(root / f"{stem}.zarr"))
     return stores
 

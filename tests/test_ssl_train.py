@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -180,13 +181,39 @@ def test_interrupted_run_resumes_to_the_same_weights(stores, tmp_path, monkeypat
         with pytest.raises(KeyboardInterrupt):
             _run(stores, tmp_path / "cut", settings)
     assert not (tmp_path / "cut" / "out").exists()
-    assert (tmp_path / "cut" / "state" / "state.safetensors").is_file()
+    state = tmp_path / "cut" / "state"
+    assert sorted(p.name for p in state.iterdir()) == ["state.json", "state_2.safetensors"]
     trained = _count_epochs(monkeypatch)
     resumed_history, resumed = _run(stores, tmp_path / "cut", settings)
     assert trained == [2]  # only the third epoch ran again
     assert [row["loss"] for row in resumed_history] == [row["loss"] for row in whole_history]
     assert weights_equal(resumed, whole)
     assert not (tmp_path / "cut" / "state").exists()
+
+
+def test_a_kill_between_the_weights_and_the_progress_file_resumes_the_epoch_before(
+    stores, tmp_path, monkeypatch
+):
+    """Epoch 2's weights are written, its progress file is not: the resumed run must take
+    epoch 1's weights with epoch 1's progress, not epoch 2's weights as if from epoch 1."""
+    settings = tiny_settings(epochs=3)
+    whole_history, whole = _run(stores, tmp_path / "whole", settings)
+    original_write = ssl_train.write_json
+
+    def crash_before_progress(info, path):
+        if Path(path).name == ssl_train.STATE_INFO and info["epochs_done"] == 2:
+            raise KeyboardInterrupt("killed between the two files")
+        return original_write(info, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ssl_train, "write_json", crash_before_progress)
+        with pytest.raises(KeyboardInterrupt):
+            _run(stores, tmp_path / "cut", settings)
+    trained = _count_epochs(monkeypatch)
+    resumed_history, resumed = _run(stores, tmp_path / "cut", settings)
+    assert trained == [1, 2]
+    assert [row["loss"] for row in resumed_history] == [row["loss"] for row in whole_history]
+    assert weights_equal(resumed, whole)
 
 
 def weights_equal(a: dict, b: dict) -> bool:

@@ -18,31 +18,14 @@ from mmdiag.data.manifest import ManifestRules, build_manifest
 from mmdiag.patching.pipeline import patch_slide
 from mmdiag.patching.store import open_patch_store
 from mmdiag.synth import toy_mil
+from tests.patching_settings import patching_settings
 
 openslide = pytest.importorskip("openslide")
 
 PATCH_PX = 256
 N_SITES = 8
 # The patching defaults of config/config.yaml (workers 1: a test needs no process pool).
-PATCHING = {
-    "base_mpp": 0.5,
-    "patch_px": PATCH_PX,
-    "context_factors": [2, 4],
-    "min_tissue": 0.5,
-    "thumbnail_mpp": 8.0,
-    "default_mpp": None,
-    "save_pixels": True,
-    "workers": 1,
-    "block_px": 4096,
-    "tissue": {
-        "saturation_threshold": None,
-        "median_px": 7,
-        "closing_px": 5,
-        "min_object_px": 64,
-        "min_hole_px": 64,
-    },
-    "tissue_sam": {"checkpoint": None, "model_type": "vit_b"},
-}
+PATCHING = patching_settings(patch_px=PATCH_PX, workers=1)
 N_SLIDES = {"micro": 2, "macro": 2, "mixed": 2}
 FIRST_SEED = 8  # seeds 8, 9, 10 give 3 positive sites per cohort
 NEAR_WHITE = 230  # a pixel whose darkest channel is at least this is "near-white"
@@ -148,17 +131,14 @@ def test_plans_are_balanced_with_one_to_three_positive_sites(kind):
 
 def test_cohort_tables_agree_with_each_other_and_the_manifest(cohorts):
     for kind, (root, sites, _) in cohorts.items():
-        clinical = pd.read_csv(root / "clinical.tsv", sep="\t")
+        labels = pd.read_csv(root / "clinical.tsv", sep="\t")
+        clinical = pd.read_csv(root / "slides.tsv", sep="\t")
         images = pd.read_csv(root / "images.tsv", sep="\t")
         provenance = json.loads((root / "cohort.json").read_text())
-        assert list(clinical.columns) == [
-            "patient_id",
-            "label",
-            "disease",
-            "anomaly",
-            "n_positive_sites",
-        ]
-        assert (clinical["label"] == clinical["disease"]).all()
+        assert list(labels.columns) == ["patient_id", "disease"]  # only what the manifest reads
+        assert list(clinical.columns) == ["patient_id", "label", "anomaly", "n_positive_sites"]
+        assert (clinical["patient_id"] == labels["patient_id"]).all()
+        assert (clinical["label"] == labels["disease"]).all()
         assert clinical["label"].value_counts().to_dict() == {
             "negative": N_SLIDES[kind] // 2,
             "positive": N_SLIDES[kind] // 2,
@@ -228,6 +208,7 @@ def test_same_seed_gives_identical_bytes(tmp_path):
         "cohort.json",
         "images.tsv",
         "sites.tsv",
+        "slides.tsv",
         "wsi/T001.svs",
         "wsi/T002.svs",
     ]

@@ -115,13 +115,41 @@ def test_series_ignores_file_names_and_listing_order(series_volume, tmp_path):
     np.testing.assert_array_equal(volume.affine, series_volume.affine)
 
 
-def test_series_skips_files_without_pixel_data(series_volume, tmp_path):
+def test_series_skips_files_that_hold_no_image(series_volume, tmp_path):
     files = _series_files()
     folder = _copy_series(tmp_path / "with_dir", files)
     index = pydicom.dcmread(files[0])
-    del index.PixelData
+    del index.PixelData, index.Rows, index.Columns
     index.save_as(folder / "DICOMDIR")
     np.testing.assert_array_equal(read_volume(folder).voxels, series_volume.voxels)
+
+
+def test_a_slice_cut_inside_its_pixel_data_is_named(tmp_path):
+    """pydicom reads a cut file as one without pixel data; the series must not just lose it."""
+    files = _series_files()
+    folder = _copy_series(tmp_path / "cut", files)
+    first, last = sorted(folder.iterdir())[0], sorted(folder.iterdir())[-1]
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) - 200])  # encapsulated (JPEG 2000) pixels: nothing read
+    with pytest.raises(VolumeError, match="truncated file") as error:
+        read_volume(folder)
+    assert last.name in str(error.value)
+    last.write_bytes(data)
+
+    plain = pydicom.dcmread(first)
+    plain.decompress()  # native pixels: a cut file is read with short pixel data
+    plain.save_as(first)
+    native = first.read_bytes()
+    first.write_bytes(native[: len(native) - 200])
+    with pytest.raises(VolumeError, match="does not fit the image attributes") as error:
+        read_volume(folder)
+    assert first.name in str(error.value) and "plugin" not in str(error.value)
+
+    del plain.PixelData  # cut right before its pixel data: the image attributes alone
+    plain.save_as(first)
+    with pytest.raises(VolumeError, match="an image slice without pixel data") as error:
+        read_volume(folder)
+    assert first.name in str(error.value)
 
 
 def test_series_unreadable_file_is_named(tmp_path):

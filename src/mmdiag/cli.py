@@ -18,6 +18,7 @@ from mmdiag.cli_support import (
     ConfigFiles,
     ManifestPath,
     SettingsJson,
+    examples,
     fail,
     layer_over_defaults,
     load_settings,
@@ -53,7 +54,13 @@ def main(
     layer_over_defaults(defaults)
 
 
-@app.command("check-config")
+@app.command(
+    "check-config",
+    epilog=examples(
+        "mmdiag check-config",
+        "mmdiag check-config -c mine.yaml",
+    ),
+)
 def check_config(config: ConfigFiles = None) -> None:
     """Validate config files against the schema and print the resolved configuration."""
     import yaml
@@ -61,7 +68,11 @@ def check_config(config: ConfigFiles = None) -> None:
     typer.echo(yaml.safe_dump(load_settings(config, None), sort_keys=False))
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag synth --out results/demo/raw",
+    )
+)
 def synth(
     out: Annotated[Path, typer.Option(help="Folder to create (the cohort root).")],
     config: ConfigFiles = None,
@@ -83,7 +94,12 @@ def synth(
     write_configured_cohort(out, settings, chosen, progress=progress)
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag manifest --root data/my_slides --cohort mine -c mine.yaml --out manifest.tsv",
+        "mmdiag manifest --manifest my_manifest.tsv --out manifest.tsv",
+    )
+)
 def manifest(
     out: Annotated[Path, typer.Option(help="Manifest TSV to write.")],
     root: Annotated[
@@ -124,7 +140,11 @@ def manifest(
     )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag splits --manifest results/demo/manifest.tsv --scheme kfold5 --out kfold5.json",
+    )
+)
 def splits(
     manifest_path: ManifestPath,
     scheme: Annotated[str, typer.Option(help="Name of a scheme under splits.schemes.")],
@@ -153,7 +173,11 @@ def splits(
     log.info("splits %s: %d folds (train/val/test %s)", out, len(sizes), ", ".join(sizes))
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag aggregate results/cmus/*/fold_*/metrics.tsv --out fold_all.tsv",
+    )
+)
 @reports_errors()
 def aggregate(
     metrics: Annotated[list[Path], typer.Argument(help="Per-fold metrics.tsv files.")],
@@ -169,7 +193,12 @@ def aggregate(
     log.info("%s: %d rows\n%s", out, len(table), means.round(4).to_string())
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag tables --method cmus --fold-all results/cmus/fold_all.tsv --out-dir tables "
+        "results/cmus/*/fold_*/predictions.tsv",
+    )
+)
 @reports_errors()
 def tables(
     method: Annotated[str, typer.Option("--method", help="Method name (a key of methods).")],
@@ -191,7 +220,12 @@ def tables(
     log.info("%s tables: %s\n%s", method, ", ".join(map(str, written)), written[2].read_text())
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag overview --manifest demo=results/demo/manifest.tsv --summary "
+        "cmus=results/cmus/summary.tsv --out overview.html",
+    )
+)
 @reports_errors()
 def overview(
     out: Annotated[Path, typer.Option(help="overview.html to write.")],
@@ -216,7 +250,12 @@ def overview(
     log.info("overview %s: %d cohorts, %d methods", out, len(manifests), len(summaries))
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag patch --manifest results/mine/manifest.tsv --image-id slides/P01 --out "
+        "P01.zarr --mask P01.png --qc P01_qc.png -c mine.yaml",
+    )
+)
 @reports_errors()
 def patch(
     manifest_path: ManifestPath,
@@ -240,7 +279,12 @@ def patch(
     )
 
 
-@app.command("patch-index")
+@app.command(
+    "patch-index",
+    epilog=examples(
+        "mmdiag patch-index results/demo/patches/*.zarr --out index.tsv",
+    ),
+)
 @reports_errors()
 def patch_index(
     stores: Annotated[list[Path], typer.Argument(help="The cohort's zarr patch stores.")],
@@ -255,7 +299,12 @@ def patch_index(
     log.info("%s: %d slides, %d patches", out, len(index), int(index["n_patches"].sum()))
 
 
-@app.command("ssl-pretrain")
+@app.command(
+    "ssl-pretrain",
+    epilog=examples(
+        "mmdiag ssl-pretrain results/demo/patches/*.zarr --scale 20x --out-dir ssl/20x",
+    ),
+)
 @reports_errors()
 def ssl_pretrain(
     stores: Annotated[list[Path], typer.Argument(help="Patch stores (.zarr) with pixels.")],
@@ -276,7 +325,15 @@ def ssl_pretrain(
     pretrain(stores, scale, settings, out_dir=out_dir, state_dir=state_dir)
 
 
-@app.command("extract-features")
+@app.command(
+    "extract-features",
+    epilog=examples(
+        "mmdiag extract-features results/demo/patches/*.zarr --manifest "
+        "results/demo/manifest.tsv --encoder 20x=ssl/20x/encoder.safetensors --encoder "
+        "10x=ssl/10x/encoder.safetensors --encoder 5x=ssl/5x/encoder.safetensors --out-dir "
+        "features",
+    ),
+)
 @reports_errors(ValueError, FileNotFoundError)
 def extract_features(
     stores: Annotated[list[Path], typer.Argument(help="The cohort's patch stores (.zarr).")],
@@ -307,7 +364,13 @@ def extract_features(
     extract_cohort_features(stores, image_ids, weights, extract, out_dir=out_dir)
 
 
-@app.command("cluster-features")
+@app.command(
+    "cluster-features",
+    epilog=examples(
+        "mmdiag cluster-features features/*.zarr --manifest results/demo/manifest.tsv --out "
+        "clusters.tsv",
+    ),
+)
 @reports_errors()
 def cluster_features(
     stores: Annotated[

@@ -41,6 +41,14 @@ FoldIndex = Annotated[int, typer.Option("--fold", help="Fold index in the split 
 VariantName = Annotated[str, typer.Option(help="Variant (a row of the method's tables).")]
 
 
+def examples(*lines: str) -> str:
+    """A command's ``--help`` epilog: example command lines, one per line.
+
+    Typer joins an epilog's single line breaks and keeps the double ones.
+    """
+    return "\n\n".join(("Examples:", *lines))
+
+
 def fail(message: str) -> NoReturn:
     """Print ``error: message`` in red on stderr and exit with code 1."""
     typer.secho(f"error: {message}", err=True, fg="red")

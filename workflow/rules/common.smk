@@ -1,4 +1,5 @@
 # Configuration validation, wildcard constraints and input functions shared by every rule.
+import functools
 import json
 import re
 import shlex
@@ -43,9 +44,16 @@ def settings_json(*sections):
     return json.dumps({section: config[section] for section in sections})
 
 
+#: Manifest settings that say how images are checked, not what the cohort holds.
+MANIFEST_CHECK_KEYS = ("verify", "decode_regions_per_level")
+
+
 def settings_json_of_method(method):
-    """A method's validated settings plus its cohort's manifest rules (its classes)."""
+    """A method's validated settings plus its cohort's manifest rules (its classes; not how
+    thoroughly the manifest checked the images, which does not change a method's run).
+    """
     rules = cohort_manifest_rules(config, config["methods"][method]["cohort"])
+    rules = {k: v for k, v in rules.items() if k not in MANIFEST_CHECK_KEYS}
     return json.dumps(
         {"methods": {method: config["methods"][method]}, "manifest": rules}
     )
@@ -129,14 +137,39 @@ EXTRA_FINAL_OUTPUTS = []
 
 
 def get_cohort_source(wildcards):
-    """Inputs of the manifest step: the synthetic cohort folder, or the user's files."""
+    """Inputs of the manifest step: the synthetic cohort folder, or the user's tables and the
+    image files they list (so that an image replaced in place remakes the manifest and its
+    checksum)."""
     cohort = cohort_config(wildcards.cohort)
     if cohort["synthetic"]:
         return {"raw": f"results/{wildcards.cohort}/raw"}
     if cohort["manifest"]:
-        return {"user_manifest": cohort["manifest"]}
-    root = Path(cohort["root"])
-    return {"clinical": root / "clinical.tsv", "images": root / "images.tsv"}
+        tables = {"user_manifest": cohort["manifest"]}
+        images = Path(cohort["manifest"])
+    else:
+        root = Path(cohort["root"])
+        tables = {"clinical": root / "clinical.tsv", "images": root / "images.tsv"}
+        images = root / "images.tsv"
+    return tables | {"image_files": listed_image_files(images)}
+
+
+def listed_image_files(table_path):
+    """The existing files and folders an images table (or manifest) lists, relative paths
+    taken from its folder (as `mmdiag manifest` does). Missing ones and unreadable tables are left to `mmdiag manifest`,
+    whose errors name every row."""
+    try:
+        table = read_tsv(table_path, all_strings=True)
+    except Exception:  # the manifest step reports the table's problem
+        return []
+    if "path" not in table.columns:
+        return []
+    folder = Path(table_path).parent
+    paths = (
+        folder / Path(p.strip()).expanduser()
+        for p in table["path"].dropna()
+        if p.strip()
+    )
+    return sorted({str(p) for p in paths if p.exists()})
 
 
 def get_cohort_source_args(wildcards, input):
@@ -183,16 +216,59 @@ def get_method_inputs(method):
     }
 
 
+def cohort_manifest_path(cohort):
+    """The cohort's manifest; raises Snakemake's signal to wait while the checkpoint is due."""
+    return checkpoints.manifest.get(cohort=cohort).output.manifest
+
+
+@functools.cache
+def manifest_slide_rows(manifest_path, modified_ns):
+    """The WSI rows of a manifest by image_id (read once per version of the file)."""
+    manifest = read_tsv(manifest_path, all_strings=True)
+    slides = manifest[manifest["modality"] == "WSI"]
+    return {row["image_id"]: row for row in slides.to_dict("records")}
+
+
+def cohort_slide_rows(cohort):
+    path = cohort_manifest_path(cohort)
+    return manifest_slide_rows(path, Path(path).stat().st_mtime_ns)
+
+
 def cohort_patch_stores(cohort):
     """Every WSI of a cohort's manifest as a patch store (the manifest is a checkpoint)."""
-    manifest_path = checkpoints.manifest.get(cohort=cohort).output.manifest
-    manifest = read_tsv(manifest_path, all_strings=True)
-    slides = manifest.loc[manifest["modality"] == "WSI", "image_id"]
-    return [f"results/{cohort}/patches/{slide}.zarr" for slide in sorted(slides)]
+    return [
+        f"results/{cohort}/patches/{slide}.zarr"
+        for slide in sorted(cohort_slide_rows(cohort))
+    ]
 
 
 def get_cohort_patch_stores(wildcards):
     return cohort_patch_stores(wildcards.cohort)
+
+
+def slide_row(wildcards):
+    rows = cohort_slide_rows(wildcards.cohort)
+    if wildcards.slide not in rows:
+        raise WorkflowError(
+            f"{cohort_manifest_path(wildcards.cohort)}: no WSI row with image_id "
+            f"{wildcards.slide!r}"
+        )
+    return rows[wildcards.slide]
+
+
+def get_slide_inputs(wildcards):
+    """A slide's patch job reads its own file and its own manifest row only: the manifest is
+    `ancient` (a rewrite for another patient does not re-patch this slide) and the row's
+    path, checksum and µm/px are the job's `params`, whose change re-runs it."""
+    return {
+        "manifest": ancient(cohort_manifest_path(wildcards.cohort)),
+        "slide": slide_row(wildcards)["path"],
+    }
+
+
+def get_slide_row_params(wildcards):
+    row = slide_row(wildcards)
+    return json.dumps({key: row.get(key, "") for key in ("path", "sha256", "mpp")})
 
 
 def patch_scales():

@@ -31,7 +31,7 @@ checkpoint manifest:
         "../../envs/mmdiag.yaml"
     threads: 1
     resources:
-        mem_mb=1000,  # reads image headers only
+        mem_mb=2000,  # headers; with manifest.verify: decode, up to 4 whole images at once
         runtime=30,
         gpu=0,
     params:

@@ -3,7 +3,7 @@
 
 rule patch_slide:
     input:
-        manifest="results/{cohort}/manifest.tsv",
+        unpack(get_slide_inputs),
     output:
         store=directory("results/{cohort}/patches/{slide}.zarr"),
         mask="results/{cohort}/masks/tissue/{slide}.png",
@@ -29,6 +29,7 @@ rule patch_slide:
         gpu=0,
     params:
         settings=lambda wildcards: settings_json("patching"),
+        row=get_slide_row_params,
     shell:
         "python -m mmdiag patch --manifest {input.manifest} --image-id {wildcards.slide}"
         " --out {output.store} --mask {output.mask} --qc {output.qc}"

@@ -51,6 +51,13 @@ suffix (``ct/P001.nii.gz`` -> ``ct/P001``; the file stem for images outside it) 
 the cohort; ``sha256`` is of the content (through any link); of a DICOM series folder it is
 the SHA-256 of its sorted ``<name> <sha256>`` lines.
 
+By default (``verify="header"``) images are only opened as far as their size needs (small
+micrographs are decoded, slides and volumes are not); with ``verify="decode"``, after every
+other check has passed, each image's pixels are decoded as well (micrographs and volumes
+whole, slides in a sample of regions per pyramid level, see
+:func:`mmdiag.data.images.check_image_decodes`), and every image that fails is listed in one
+error naming its file and, for a slide, the level and region.
+
 The same content (one ``sha256``) on two rows is an error: under two patients one image could
 land in two partitions of a split (leakage); twice within one patient it is almost always a
 copied or twice-listed file that would weigh double in the patient's bag and count twice in
@@ -60,6 +67,7 @@ per-image results, and nothing a cohort needs, so it is an error too.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import logging
 import os
@@ -71,7 +79,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmdiag.data.images import ImageReadError, image_stem, read_image_size
+from mmdiag.data.images import (
+    DECODE_REGIONS_PER_LEVEL,
+    ImageReadError,
+    check_image_decodes,
+    image_stem,
+    read_image_size,
+)
 from mmdiag.data.tasks import BUILT_IN_TASKS, Task, cohort_tasks
 from mmdiag.io.atomic import sha256_file, write_tsv
 from mmdiag.io.tables import read_tsv
@@ -117,6 +131,8 @@ LABEL_COLUMNS: tuple[str, ...] = ("disease", "mn_stage", "survival_months", "eve
 OPTIONAL_LABEL_COLUMNS: tuple[str, ...] = ("mn_stage", "survival_months", "event")
 #: At most this many instances of one problem are listed in an error message.
 MAX_LISTED = 20
+#: How deeply images are checked: ``header`` (sizes) or ``decode`` (pixels too).
+VERIFY_LEVELS: tuple[str, ...] = ("header", "decode")
 
 
 @dataclass(frozen=True)
@@ -136,6 +152,11 @@ class ManifestRules:
         Per modality, the least allowed ``min(width_px, height_px)`` (CT/MR: in-plane).
     tasks
         The cohort's further label columns (beyond ``disease`` and ``mn_stage``).
+    verify
+        ``"header"`` (read sizes only) or ``"decode"`` (also decode every image's pixels,
+        slides in a sample of regions, so damaged files fail here rather than at patching).
+    decode_regions_per_level
+        With ``verify="decode"``, the regions read per pyramid level of a slide.
     """
 
     classes: tuple[str, ...]
@@ -143,6 +164,8 @@ class ManifestRules:
     required_modalities: tuple[str, ...] = ()
     min_image_px: Mapping[str, int] = field(default_factory=dict)
     tasks: tuple[Task, ...] = ()
+    verify: str = "header"
+    decode_regions_per_level: int = DECODE_REGIONS_PER_LEVEL
 
     def __post_init__(self) -> None:
         """Upper-case the required modalities (as the images' are) and reject unknown ones.
@@ -157,6 +180,13 @@ class ManifestRules:
                 f"required_modalities {unknown} are not among the modalities {list(MODALITIES)}"
             )
         object.__setattr__(self, "required_modalities", required)
+        if self.verify not in VERIFY_LEVELS:
+            raise ValueError(f"verify must be one of {list(VERIFY_LEVELS)}, got {self.verify!r}")
+        if self.decode_regions_per_level < 1:
+            raise ValueError(
+                "decode_regions_per_level must be at least 1, got "
+                f"{self.decode_regions_per_level!r}"
+            )
 
     @property
     def task_columns(self) -> tuple[str, ...]:
@@ -173,6 +203,10 @@ class ManifestRules:
             min_image_px=dict(rules["min_image_px"]),
             tasks=tuple(
                 task for name, task in cohort_tasks(rules).items() if name not in BUILT_IN_TASKS
+            ),
+            verify=rules.get("verify", "header"),
+            decode_regions_per_level=rules.get(
+                "decode_regions_per_level", DECODE_REGIONS_PER_LEVEL
             ),
         )
 
@@ -197,9 +231,10 @@ def build_manifest(
     manifest_tsv
         A user manifest TSV instead; give exactly one of the two.
     rules
-        Allowed labels, required modalities and minimum image sizes.
+        Allowed labels, required modalities, minimum image sizes and how deeply images are
+        checked (``rules.verify``).
     progress
-        Show a progress bar while images are hashed and measured.
+        Show a progress bar while images are hashed and measured (and decoded).
 
     Returns
     -------
@@ -230,6 +265,8 @@ def build_manifest(
     _check_decoded(measured, source["images"])
     _check_unique_content(measured, source["images"])
     _check_min_size(measured, rules, source["images"])
+    if rules.verify == "decode":
+        _check_pixels(measured, rules.decode_regions_per_level, source["images"], progress)
 
     frame = measured.drop(columns=["error", "row"]).join(clinical, on="patient_id")
     frame = frame.sort_values(["patient_id", "modality", "path"], kind="stable")
@@ -588,14 +625,34 @@ def _check_unique_content(measured: pd.DataFrame, path: Path) -> None:
         raise ManifestError(_listing(path, "the same image content on several rows", lines))
 
 
-def _check_decoded(measured: pd.DataFrame, path: Path) -> None:
+def _check_decoded(
+    measured: pd.DataFrame, path: Path, problem: str = "images that cannot be decoded"
+) -> None:
+    """One line per row whose ``error`` is set (it starts with the image's path)."""
     failed = measured[measured["error"] != ""]
     lines = [
         f"patient {row.patient_id!r}, row {row.row}: {row.error}"
         for row in failed.itertuples(index=False)
     ]
     if lines:
-        raise ManifestError(_listing(path, "images that cannot be decoded", lines))
+        raise ManifestError(_listing(path, problem, lines))
+
+
+def _check_pixels(
+    measured: pd.DataFrame, regions_per_level: int, path: Path, progress: bool
+) -> None:
+    """``verify: decode``: decode every image's pixels and list every row that fails.
+
+    Runs last, after the cheap checks, so a cohort with a typo fails in seconds rather than
+    after decoding every image.
+    """
+    decode = functools.partial(_decode_error, regions_per_level=regions_per_level)
+    # decoding holds whole micrographs and volumes in memory: fewer threads than for hashing
+    errors = _map_rows(
+        decode, measured, workers=4, description="decoding images", progress=progress
+    )
+    problem = "images whose pixels cannot be decoded (verify: decode)"
+    _check_decoded(measured.assign(error=errors), path, problem)
 
 
 def _check_min_size(measured: pd.DataFrame, rules: ManifestRules, path: Path) -> None:
@@ -624,6 +681,15 @@ def _measure_one(image_path: str, modality: str) -> tuple[str, int, int, str]:
     return _checksum(Path(image_path)), size.width_px, size.height_px, ""
 
 
+def _decode_error(image_path: str, modality: str, *, regions_per_level: int) -> str:
+    """Why the image's pixels cannot be decoded (it starts with the path); empty if they can."""
+    try:
+        check_image_decodes(image_path, modality=modality, regions_per_level=regions_per_level)
+    except ImageReadError as exc:
+        return str(exc)
+    return ""
+
+
 def _checksum(path: Path) -> str:
     if not path.is_dir():
         return sha256_file(path)
@@ -633,16 +699,31 @@ def _checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _measure_images(images: pd.DataFrame, *, progress: bool) -> pd.DataFrame:
-    # hashing is I/O bound and hashlib releases the GIL, so threads overlap the reads
-    workers = min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(_measure_one, images["path"], images["modality"])
+def _map_rows(
+    function, images: pd.DataFrame, *, workers: int, description: str, progress: bool
+) -> list:
+    """``function(path, modality)`` of every row, in row order, on a pool of threads.
+
+    The readers (hashlib, zlib, Pillow, OpenSlide) release the GIL while they read and
+    decode, so threads overlap the work without copying images between processes.
+    """
+    with ThreadPoolExecutor(max_workers=min(workers, os.cpu_count() or 1)) as pool:
+        results = pool.map(function, images["path"], images["modality"])
         if progress:
             from rich.progress import track
 
-            results = track(results, total=len(images), description="hashing and sizing images")
-        results = list(results)
+            results = track(results, total=len(images), description=description)
+        return list(results)
+
+
+def _measure_images(images: pd.DataFrame, *, progress: bool) -> pd.DataFrame:
+    results = _map_rows(
+        _measure_one,
+        images,
+        workers=8,
+        description="hashing and sizing images",
+        progress=progress,
+    )
     measured = images.copy()
     columns = ["sha256", "width_px", "height_px", "error"]
     measured[columns] = pd.DataFrame(results, columns=columns, index=images.index)

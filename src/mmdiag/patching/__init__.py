@@ -4,7 +4,13 @@ The stage function that extracts pixels over many processes lives in
 :mod:`mmdiag.patching.engine`; this package provides its parts.
 """
 
-from mmdiag.patching.slide import Slide, SlideError, SlideInfo, magnification_from_mpp
+from mmdiag.patching.slide import (
+    Slide,
+    SlideError,
+    SlideInfo,
+    SlideReadError,
+    magnification_from_mpp,
+)
 from mmdiag.patching.store import PatchStore, open_patch_store, write_patch_store
 from mmdiag.patching.tiling import (
     concentric_grid,
@@ -21,6 +27,7 @@ __all__ = [
     "PatchStore",
     "Slide",
     "SlideError",
+    "SlideReadError",
     "SlideInfo",
     "concentric_grid",
     "grid_scales",

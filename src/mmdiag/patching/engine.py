@@ -31,18 +31,28 @@ are also grouped by phase. Patch grids whose stride is a multiple of the downsam
 single phase; on slides with non-integer downsamples many phases may occur, and blocks then
 hold fewer regions (correct, but slower). The tifffile reader does not interpolate (it reads
 at the floored level coordinate), so there a crop always equals the per-region read.
+
+Worker processes cost about a second to start (a fresh interpreter importing numpy and
+OpenSlide), more than a small slide takes to decode; :func:`worker_count` therefore starts only
+as many as the decoded pixels pay for. Workers end with the process that started them
+(:mod:`mmdiag.patching.workers`), and a damaged tile, in-process or in a worker, ends the
+extraction with one :class:`~mmdiag.patching.slide.SlideReadError` naming the file, level and
+region.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import math
 import mmap
 import multiprocessing
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -52,10 +62,13 @@ import openslide
 import openslide.lowlevel
 from PIL import Image
 
-from mmdiag.patching.slide import OME_SUFFIXES
+from mmdiag.io.atomic import exit_cleanly_on_sigterm
+from mmdiag.patching.slide import OME_SUFFIXES, SlideError, SlideReadError, decode_error
+from mmdiag.patching.workers import end_with_parent, stop_workers
 
 __all__ = [
     "OpenSlideReader",
+    "SlideReadError",
     "SlideReader",
     "TiffReader",
     "choose_level",
@@ -63,13 +76,20 @@ __all__ = [
     "extract_patches",
     "extract_patches_multiscale",
     "open_reader",
+    "worker_count",
 ]
+
+log = logging.getLogger(__name__)
 
 WHITE = (255, 255, 255)
 
 # A level whose downsample exceeds the wanted one by at most 1 % still counts as "fine enough"
 # (Aperio pyramids store downsamples such as 4.0002).
 _LEVEL_TOLERANCE = 1.01
+
+#: Decoded pixels that pay for one worker process: 64 Mi px take about 1.5 s to decode from JPEG
+#: (45 Mpx/s per core here), against about 1 s for a spawned worker to start.
+MIN_PX_PER_WORKER = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -90,9 +110,11 @@ class SlideReader(Protocol):
 
     ``read_region`` follows OpenSlide's convention: ``location`` is the top-left corner in
     level-0 pixels, ``size`` is in pixels of ``level``, and the result is an (h, w, 3) uint8
-    RGB array in which every pixel outside the slide is ``background``.
+    RGB array in which every pixel outside the slide is ``background``. A read that fails to
+    decode raises :class:`~mmdiag.patching.slide.SlideReadError` naming the file and region.
     """
 
+    path: Path
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...]
 
@@ -113,6 +135,7 @@ class OpenSlideReader:
     kind = "openslide"
 
     def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
         self._slide = openslide.OpenSlide(os.fspath(path))
         self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
@@ -125,7 +148,8 @@ class OpenSlideReader:
         background: tuple[int, int, int] = WHITE,
     ) -> np.ndarray:
         """OpenSlide's ``read_region`` composited over ``background`` (see the protocol)."""
-        return _read_openslide_rgb(self._slide, location, level, size, background)
+        with _naming_damage(self.path, level, location, size):
+            return _read_openslide_rgb(self._slide, location, level, size, background)
 
     def close(self) -> None:
         self._slide.close()
@@ -145,6 +169,7 @@ class TiffReader:
         import tifffile
         import zarr
 
+        self.path = Path(path)
         self._tiff = tifffile.TiffFile(os.fspath(path))
         try:
             series = self._tiff.series[0]
@@ -185,13 +210,27 @@ class TiffReader:
         xa, ya = max(x, 0), max(y, 0)
         xb, yb = min(x + width, level_w), min(y + height, level_h)
         if xa < xb and ya < yb:
-            window = np.asarray(self._levels[level][ya:yb, xa:xb])
+            with _naming_damage(self.path, level, location, size):
+                window = np.asarray(self._levels[level][ya:yb, xa:xb])
             out[ya - y : yb - y, xa - x : xb - x] = _window_rgb(window, background)
         return out
 
     def close(self) -> None:
         self._tiff.close()
         self._levels = []
+
+
+@contextlib.contextmanager
+def _naming_damage(
+    path: Path, level: int, location: tuple[int, int], size: tuple[int, int]
+) -> Iterator[None]:
+    """Turn a decoder's error (OpenSlide's, imagecodecs', zarr's) into a SlideReadError."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as error:
+        raise decode_error(path, level, location, size, error) from error
 
 
 def _window_rgb(window: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
@@ -566,9 +605,16 @@ def _shared_outputs(buffer: mmap.mmap, shapes: Sequence[tuple[int, ...]]) -> lis
 
 
 def _init_worker(
-    slide_path: str, kind: str, background: tuple[int, int, int], shared_path: str | None, shapes
+    parent_pid: int,
+    slide_path: str,
+    kind: str,
+    background: tuple[int, int, int],
+    shared_path: str | None,
+    shapes,
 ) -> None:
+    """Open the slide and the shared output buffer in a new worker, bound to its parent's life."""
     global _worker_reader, _worker_outputs, _worker_background
+    end_with_parent(parent_pid)
     _worker_reader = _open_reader_kind(slide_path, kind)
     _worker_background = background
     if shared_path is not None:
@@ -600,32 +646,75 @@ def _allocate_outputs(
     return [np.empty(shape, np.uint8) for shape in shapes], None, None
 
 
+def worker_count(workers: int, n_blocks: int, decoded_px: int) -> int:
+    """How many processes to read ``n_blocks`` blocks of ``decoded_px`` pixels in all with.
+
+    ``min(workers, n_blocks, decoded_px // MIN_PX_PER_WORKER)``, and at least 1 (in-process):
+    a spawned worker costs about a second to start, so each must have about
+    ``MIN_PX_PER_WORKER`` pixels (64 Mi px, ~1.5 s of JPEG decoding) to decode to pay for it,
+    and a block is never split between workers.
+
+    Examples
+    --------
+    >>> worker_count(2, 4, 7_000_000)  # a small slide runs in-process
+    1
+    >>> worker_count(8, 40, 3 * MIN_PX_PER_WORKER)
+    3
+    >>> worker_count(2, 40, 10 * MIN_PX_PER_WORKER)
+    2
+    """
+    return max(1, min(workers, n_blocks, decoded_px // MIN_PX_PER_WORKER))
+
+
 def _run_blocks(
     reader: SlideReader,
     slide_path: Path,
     blocks: list[_Block],
     out_px: int,
-    workers: int,
+    processes: int,
     outputs: list[np.ndarray],
     shared_path: str | None,
     background: tuple[int, int, int],
 ) -> Iterator[tuple[_Block, list[np.ndarray | None]]]:
-    if workers == 1 or len(blocks) <= 1:
+    """Patches of every block, in-process or in ``processes`` spawned workers.
+
+    The pool is created and shut down by the calling thread (the workers' parent-death signal
+    follows that thread). If the caller stops early (an error, ``SIGTERM``, the generator
+    closed), the workers are killed rather than left to finish queued blocks.
+    """
+    if processes == 1:
         for block in blocks:
             yield block, _extract_block(reader, block, out_px, outputs, background)
         return
     shapes = [o.shape for o in outputs]
-    with ProcessPoolExecutor(
-        max_workers=workers,
+    pool = ProcessPoolExecutor(
+        max_workers=processes,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(str(slide_path), reader.kind, background, shared_path, shapes),
-    ) as pool:
+        initargs=(os.getpid(), str(slide_path), reader.kind, background, shared_path, shapes),
+    )
+    try:
         # Largest blocks first keeps the workers busy to the end.
         by_size = sorted(blocks, key=lambda b: -b.width_px * b.height_px)
         futures = [pool.submit(_extract_block_in_worker, b, out_px) for b in by_size]
         for block, future in zip(by_size, futures, strict=True):
-            yield block, future.result()
+            yield block, _worker_result(future, slide_path)
+    except BaseException:
+        stop_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_result(future: Future, slide_path: Path) -> list[np.ndarray | None]:
+    """A worker's patches; its SlideReadError as it is, a dead worker as a SlideError."""
+    try:
+        return future.result()
+    except BrokenProcessPool as error:
+        raise SlideError(
+            f"{slide_path}: a patch worker process died ({error}); "
+            "out of memory? try fewer workers or a smaller block_px"
+        ) from error
 
 
 def extract_patches_multiscale(
@@ -666,28 +755,46 @@ def extract_patches_multiscale(
             regions_per_scale, reader.level_downsamples, out_px, block_px, reader.level_dimensions
         )
         shapes = [(len(r), out_px, out_px, 3) for r in regions_per_scale]
-        parallel = workers > 1 and len(blocks) > 1
-        outputs, shared_path, fd = _allocate_outputs(shapes, shared=parallel)
+        processes = _log_worker_count(slide_path, workers, blocks)
+        outputs, shared_path, fd = _allocate_outputs(shapes, shared=processes > 1)
         try:
-            results = _run_blocks(
-                reader, slide_path, blocks, out_px, workers, outputs, shared_path, background
+            blocks_done = _run_blocks(
+                reader, slide_path, blocks, out_px, processes, outputs, shared_path, background
             )
-            if progress:
-                from rich.progress import track
+            with contextlib.closing(blocks_done), exit_cleanly_on_sigterm():
+                results = blocks_done
+                if progress:
+                    from rich.progress import track
 
-                results = track(results, total=len(blocks), description=f"{slide_path.name}")
-            for block, patches_per_group in results:
-                for (scale, indices, _offsets, _side), patches in zip(
-                    block.groups, patches_per_group, strict=True
-                ):
-                    if patches is not None:
-                        outputs[scale][indices] = patches
+                    results = track(results, total=len(blocks), description=f"{slide_path.name}")
+                for block, patches_per_group in results:
+                    for (scale, indices, _offsets, _side), patches in zip(
+                        block.groups, patches_per_group, strict=True
+                    ):
+                        if patches is not None:
+                            outputs[scale][indices] = patches
         finally:
             if fd is not None:
                 os.close(fd)
     finally:
         reader.close()
     return outputs
+
+
+def _log_worker_count(slide_path: Path, workers: int, blocks: Sequence[_Block]) -> int:
+    """:func:`worker_count` for these blocks, logged with the figures it was chosen from."""
+    decoded_px = sum(block.width_px * block.height_px for block in blocks)
+    processes = worker_count(workers, len(blocks), decoded_px)
+    log.info(
+        "%s: %d blocks, %.1f Mpx to decode: %d process(es) (workers=%d; one per %d Mpx)",
+        slide_path,
+        len(blocks),
+        decoded_px / 1e6,
+        processes,
+        workers,
+        MIN_PX_PER_WORKER // 1_000_000,
+    )
+    return processes
 
 
 def extract_patches(
@@ -712,7 +819,9 @@ def extract_patches(
     out_px : int
         Side of each returned patch, in pixels.
     workers : int, default 1
-        Processes reading blocks in parallel (spawned; each opens the slide once). 1 runs
+        At most this many processes read blocks in parallel (spawned; each opens the slide
+        once); fewer when the slide is small (:func:`worker_count`: one per
+        ``MIN_PX_PER_WORKER`` decoded pixels, at most one per block), and one runs
         in-process. The output does not depend on it.
     block_px : int, default 4096
         Side of the grid cells, in pixels at the chosen level, that group regions into one
@@ -734,6 +843,9 @@ def extract_patches(
     ------
     ValueError
         For invalid arguments, or a missing or unreadable slide (naming the file).
+    SlideReadError
+        A ``ValueError`` for a tile that cannot be decoded, naming the file, the level and
+        the region read, also when a worker process read it.
 
     Notes
     -----

@@ -43,10 +43,22 @@ def patch_slide(
     mask_path: Path,
     qc_path: Path,
     mpp_override: float | None = None,
+    expected_sha256: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Segment, tile and (optionally) extract one slide; return a summary row for the index."""
+    """Segment, tile and (optionally) extract one slide; return a summary row for the index.
+
+    ``expected_sha256`` (the manifest's checksum) guards against a slide replaced after the
+    manifest was built: its patches would be filed under the old slide's row.
+    """
     started = time.perf_counter()
+    checksum = sha256_file(slide_path)
+    if expected_sha256 and checksum != expected_sha256:
+        raise ValueError(
+            f"{slide_path}: content changed since the manifest was built (sha256 "
+            f"{checksum[:12]}... now, {expected_sha256[:12]}... in the manifest); rebuild the "
+            "manifest (Snakemake does so when the file is listed in images.tsv)"
+        )
     with Slide(slide_path, mpp_override=mpp_override, default_mpp=settings["default_mpp"]) as slide:
         info = slide.info
         thumbnail, thumb_mpp = slide.thumbnail(settings["thumbnail_mpp"])
@@ -88,7 +100,7 @@ def patch_slide(
         pixels = dict(zip(names, arrays, strict=True))
     attrs = {
         "slide_path": str(Path(slide_path).resolve()),
-        "sha256": sha256_file(slide_path),
+        "sha256": checksum,
         "mpp": info.mpp,
         "mpp_source": info.mpp_source,
         "objective_power": info.objective_power,
@@ -128,9 +140,11 @@ def patch_manifest_slide(
     mask_path: Path,
     qc_path: Path,
 ) -> dict:
-    """:func:`patch_slide` for the manifest row ``image_id`` (its path and per-slide µm/px).
+    """:func:`patch_slide` for the manifest row ``image_id`` (its path, per-slide µm/px and
+    checksum).
 
-    Raises ``ValueError`` naming the manifest when it has no single row of that id.
+    Raises ``ValueError`` naming the manifest when it has no single row of that id, and naming
+    the slide when its content is no longer the one the manifest recorded.
     """
     manifest = read_manifest(manifest_path)
     rows = manifest[manifest["image_id"] == image_id]
@@ -138,6 +152,7 @@ def patch_manifest_slide(
         raise ValueError(f"{manifest_path}: no single row with image_id {image_id!r}")
     row = rows.iloc[0]
     mpp = row.get("mpp") if "mpp" in rows.columns else None
+    checksum = row.get("sha256")
     return patch_slide(
         Path(row["path"]),
         settings,
@@ -145,6 +160,7 @@ def patch_manifest_slide(
         mask_path=mask_path,
         qc_path=qc_path,
         mpp_override=float(mpp) if mpp is not None and mpp == mpp else None,
+        expected_sha256=checksum if isinstance(checksum, str) and checksum else None,
     )
 
 

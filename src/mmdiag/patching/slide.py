@@ -42,8 +42,37 @@ _OME_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m":
 _MPP_TOLERANCE = 1.01  # a level 1 % finer than the target still counts as "at" the target
 
 
+# Level pixels decoded at once when a thumbnail is reduced band by band: about 4 Mi px keep the
+# peak near 0.15 GB (an OpenSlide band passes through RGBA and float32 copies) on any slide.
+_THUMBNAIL_BAND_PX = 1 << 22
+
+
 class SlideError(ValueError):
     """A slide cannot be used: missing, unsupported, corrupt, or of unknown resolution."""
+
+
+class SlideReadError(SlideError):
+    """Pixels of a slide cannot be decoded (a damaged tile); the message names the region."""
+
+
+def decode_error(
+    path: str | os.PathLike,
+    level: int,
+    location: tuple[int, int],
+    size: tuple[int, int],
+    error: BaseException,
+) -> SlideReadError:
+    """The error for a failed read of ``size`` level pixels at level-0 ``location``.
+
+    One line, ``<path>: cannot decode level L region x=..,y=..,w=..,h=.. (<reason>)``, with
+    ``x, y`` in level-0 pixels (as the read was asked) and ``w, h`` in pixels of the level,
+    so that a damaged file and the tile at fault can be found from a job's log alone.
+    """
+    reason = " ".join(str(error).split()) or type(error).__name__
+    (x, y), (width, height) = location, size
+    return SlideReadError(
+        f"{path}: cannot decode level {level} region x={x},y={y},w={width},h={height} ({reason})"
+    )
 
 
 @dataclass(frozen=True)
@@ -86,6 +115,8 @@ def _to_rgb(region: np.ndarray) -> np.ndarray:
     """Drop alpha by compositing over white (OpenSlide gives premultiplied-free RGBA)."""
     if region.ndim == 2:
         return np.repeat(region[..., None], 3, axis=2)
+    if region.shape[2] == 4 and region[..., 3].min() == 255:
+        return np.ascontiguousarray(region[..., :3])  # opaque: the float path gives the same
     if region.shape[2] == 4:
         alpha = region[..., 3:4].astype(np.float32) / 255.0
         rgb = region[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
@@ -282,16 +313,23 @@ class Slide:
             raise ValueError(f"level must be in [0, {len(self._level_dimensions)}), got {level}")
         if width <= 0 or height <= 0:
             raise ValueError(f"width and height must be > 0, got {width}x{height}")
+        location, size = (int(x0_level0), int(y0_level0)), (int(width), int(height))
+        try:
+            return self._decode_level(level, location, size)
+        except MemoryError:
+            raise
+        except Exception as error:  # OpenSlide, libvips and imagecodecs each raise their own
+            raise decode_error(self.path, level, location, size, error) from error
+
+    def _decode_level(
+        self, level: int, location: tuple[int, int], size: tuple[int, int]
+    ) -> np.ndarray:
+        """:meth:`read_level` through the slide's backend, errors as the backend raises them."""
         if self._vips_pages:
-            return self._read_vips_level(
-                level, int(x0_level0), int(y0_level0), int(width), int(height)
-            )
+            return self._read_vips_level(level, *location, *size)
         if self._openslide is not None:
-            region = self._openslide.read_region(
-                (int(x0_level0), int(y0_level0)), level, (int(width), int(height))
-            )
-            return _to_rgb(np.asarray(region))
-        return self._read_tiff_level(level, int(x0_level0), int(y0_level0), int(width), int(height))
+            return _to_rgb(np.asarray(self._openslide.read_region(location, level, size)))
+        return self._read_tiff_level(level, *location, *size)
 
     def _read_vips_level(self, level: int, x0: int, y0: int, width: int, height: int) -> np.ndarray:
         page = self._vips_pages[level]
@@ -357,17 +395,65 @@ class Slide:
         """Return the whole slide near ``target_mpp`` µm/px, and the image's actual µm/px.
 
         Never upsamples: if level 0 is coarser than ``target_mpp``, level 0 is returned.
+        The level is reduced band by band (:meth:`_reduce_level`), so a single-level slide
+        costs the memory of one band (about ``_THUMBNAIL_BAND_PX`` pixels), not of level 0.
         """
         level = self.best_level_for_mpp(target_mpp)
         level_w, level_h = self._level_dimensions[level]
-        image = self.read_level(level, 0, 0, level_w, level_h)
         width0 = self._level_dimensions[0][0]
         scale = max(self.info.mpp * self._level_downsamples[level] / target_mpp, 0.0)
         if scale < 1.0:
             out_w = max(1, int(round(level_w * scale)))
             out_h = max(1, int(round(level_h * scale)))
-            image = _resize(image, out_w, out_h)
+            image = self._reduce_level(level, out_w, out_h)
+        else:
+            image = self.read_level(level, 0, 0, level_w, level_h)
         return image, self.info.mpp * width0 / image.shape[1]
+
+    def _reduce_level(self, level: int, out_w: int, out_h: int) -> np.ndarray:
+        """The whole ``level`` shrunk to ``out_w`` x ``out_h``, bit for bit as PIL's ``BOX``.
+
+        PIL resizes rows first, rounds to uint8, then columns. The level is read in bands of
+        whole tile rows (each tile decoded once, about ``_THUMBNAIL_BAND_PX`` pixels a band),
+        each band's rows are resized by PIL itself (rows are independent), and the vertical
+        pass is PIL's, replayed with its own weights (:func:`_box_weights`) over the reduced
+        rows kept from band to band. OpenSlide interpolates a read that starts between the
+        rows of a level whose downsample is not an integer, so such a level is read whole (a
+        reduced pyramid level, small beside level 0).
+        """
+        level_w, level_h = self._level_dimensions[level]
+        downsample = self._level_downsamples[level]
+        if self._openslide is not None and not self._vips_pages and downsample % 1:
+            return _resize(self.read_level(level, 0, 0, level_w, level_h), out_w, out_h)
+        starts, counts, weights = _box_weights(level_h, out_h)
+        ends = starts + counts
+        tile_rows = self._tile_rows(level)
+        band_rows = tile_rows * max(1, _THUMBNAIL_BAND_PX // (level_w * tile_rows))
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        kept, kept_from, done = np.empty((0, out_w, 3), np.uint8), 0, 0
+        for y0 in range(0, level_h, band_rows):
+            rows = min(band_rows, level_h - y0)
+            band = self.read_level(level, 0, _level0_coordinate(y0, downsample), level_w, rows)
+            reduced = np.asarray(Image.fromarray(band).resize((out_w, rows), Image.BOX))
+            kept = np.concatenate([kept, reduced])
+            ready = int(np.searchsorted(ends, y0 + rows, side="right"))
+            if ready > done:
+                sources = starts[done:ready] - kept_from
+                out[done:ready] = _vertical_box(kept, sources, weights[done:ready])
+                done = ready
+            if done < out_h:  # drop the reduced rows no output row needs any more
+                kept, kept_from = kept[starts[done] - kept_from :], int(starts[done])
+        return out
+
+    def _tile_rows(self, level: int) -> int:
+        """Height of the level's tiles, so that band reads start on tile rows (1 if unknown)."""
+        if self._tiff is not None:
+            page = self._tiff.series[0].levels[level].keyframe
+            return max(1, int(page.tilelength or page.rowsperstrip or 1))
+        if self._openslide is not None:
+            value = self._openslide.properties.get(f"openslide.level[{level}].tile-height")
+            return max(1, int(value)) if value else 1
+        return 1
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
@@ -388,6 +474,61 @@ class Slide:
 
     def __repr__(self) -> str:
         return f"Slide({str(self.path)!r})"
+
+
+def _level0_coordinate(level_px: int, downsample: float) -> int:
+    """The smallest level-0 coordinate that reads start at level pixel ``level_px`` from.
+
+    The readers map a level-0 coordinate ``c`` to ``floor(c / downsample)``; for an integer
+    downsample this is ``level_px * downsample``, which OpenSlide also reads without
+    interpolating.
+    """
+    coordinate = math.ceil(level_px * downsample)
+    while coordinate > 0 and math.floor((coordinate - 1) / downsample) >= level_px:
+        coordinate -= 1
+    while math.floor(coordinate / downsample) < level_px:
+        coordinate += 1
+    return coordinate
+
+
+# PIL's fixed-point precision for 8-bit resampling (Pillow src/libImaging/Resample.c).
+_PIL_PRECISION_BITS = 32 - 8 - 2
+
+
+def _box_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PIL's ``BOX`` coefficients along one axis: first source pixel, count, integer weights.
+
+    The same double-precision steps, in the same order, as Pillow's ``precompute_coeffs`` and
+    ``normalize_coeffs_8bpc`` for the box ``(0, in_size)``, so the weights are PIL's exactly.
+    """
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale  # the box filter's support is 0.5
+    ksize = int(math.ceil(support)) * 2 + 1
+    center = (np.arange(out_size) + 0.5) * scale
+    starts = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    counts = np.minimum((center + support + 0.5).astype(np.int64), in_size) - starts
+    taps = np.arange(ksize)
+    offset = ((taps + starts[:, None]) - center[:, None] + 0.5) * (1.0 / filterscale)
+    inside = (offset > -0.5) & (offset <= 0.5) & (taps < counts[:, None])
+    weights = inside.astype(np.float64)
+    total = weights.sum(axis=1, keepdims=True)
+    weights = np.divide(weights, total, out=weights, where=total != 0)
+    fixed = (0.5 + weights * (1 << _PIL_PRECISION_BITS)).astype(np.int64)
+    return starts, counts, fixed
+
+
+def _vertical_box(rows: np.ndarray, starts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """PIL's vertical pass: output row ``i`` is ``rows[starts[i]:]`` weighed by ``weights[i]``,
+    rounded and clipped as its ``ImagingResampleVertical_8bpc``."""
+    acc = np.full((len(starts), *rows.shape[1:]), 1 << (_PIL_PRECISION_BITS - 1), np.int64)
+    last = len(rows) - 1
+    for tap in range(weights.shape[1]):
+        used = weights[:, tap] != 0
+        if used.any():
+            source = rows[np.minimum(starts + tap, last)]
+            acc += source * np.where(used, weights[:, tap], 0)[:, None, None]
+    return np.clip(acc >> _PIL_PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
 def _resize(image: np.ndarray, out_w: int, out_h: int) -> np.ndarray:

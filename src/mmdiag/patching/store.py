@@ -9,7 +9,9 @@ Layout of ``<slide>.zarr``::
     attrs             provenance (slide, sha256, mpp, parameters, version) and "complete"
 
 The store is built under a temporary name beside its final path and renamed into place, and
-``attrs["complete"]`` is written last, so a store without it is never read.
+``attrs["complete"]`` is written last, so a store without it is never read. A run stopped with
+``SIGTERM`` removes its temporary; one killed outright leaves it, and the next write of the same
+store removes it (:func:`~mmdiag.io.atomic.atomic_path`).
 """
 
 from __future__ import annotations

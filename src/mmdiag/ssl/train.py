@@ -56,7 +56,7 @@ from mmdiag.training.distributed import (
 
 log = logging.getLogger(__name__)
 
-STATE_WEIGHTS = "state.safetensors"
+STATE_WEIGHTS_PATTERN = "state_{epochs_done}.safetensors"  # the JSON names the current one
 STATE_INFO = "state.json"
 
 
@@ -139,7 +139,12 @@ def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
 
 
 def save_state(state_dir: Path, model: nn.Module, optimiser, info: dict) -> None:
-    """Weights and momentum buffers (safetensors) and progress (JSON), each atomically."""
+    """Weights and momentum buffers (safetensors) and progress (JSON), each atomically.
+
+    The weights go to a file named after the epoch, then the JSON naming that file replaces
+    the old one, then older weight files are removed: a kill at any point leaves a JSON whose
+    weights file is complete and of the same epoch.
+    """
     tensors = {f"model/{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in optimiser.param_groups:
@@ -148,22 +153,30 @@ def save_state(state_dir: Path, model: nn.Module, optimiser, info: dict) -> None
             if buffer is not None:
                 tensors[f"momentum/{names[id(parameter)]}"] = buffer.detach().contiguous()
     state_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(state_dir / STATE_WEIGHTS) as tmp:
+    weights_name = STATE_WEIGHTS_PATTERN.format(epochs_done=info["epochs_done"])
+    with atomic_path(state_dir / weights_name) as tmp:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
-    write_json(info, state_dir / STATE_INFO)
+    write_json({**info, "weights": weights_name}, state_dir / STATE_INFO)
+    for old in state_dir.glob(STATE_WEIGHTS_PATTERN.format(epochs_done="*")):
+        if old.name != weights_name:
+            old.unlink(missing_ok=True)
 
 
 def load_state(state_dir: Path, model: nn.Module, optimiser, fingerprint: str) -> dict | None:
     """Restore a saved state of the same run into ``model``/``optimiser``; its info or None."""
     info_path = state_dir / STATE_INFO
-    if not info_path.is_file() or not (state_dir / STATE_WEIGHTS).is_file():
+    if not info_path.is_file():
         return None
     info = json.loads(info_path.read_text())
     if info.get("fingerprint") != fingerprint:
         log.warning("%s: saved state is from other settings; starting afresh", state_dir)
         return None
+    weights_path = state_dir / info.get("weights", "")
+    if not weights_path.is_file():
+        log.warning("%s: %s names no weights file; starting afresh", state_dir, STATE_INFO)
+        return None
     device = next(model.parameters()).device
-    tensors = load_file(str(state_dir / STATE_WEIGHTS), device=str(device))
+    tensors = load_file(str(weights_path), device=str(device))
     model.load_state_dict(
         {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
     )

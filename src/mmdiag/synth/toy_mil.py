@@ -56,8 +56,9 @@ Bags: a positive slide holds 1-3 positive sites (uniform), a negative slide none
 Cohort folder written by :func:`write_toy_cohort`::
 
     wsi/{slide_id}.svs   Aperio-style pyramidal SVS, mpp 0.5, AppMag 20, 4 levels (x2)
-    clinical.tsv         patient_id, label, disease (= label, for the manifest builder),
-                         anomaly (none|micro|macro), n_positive_sites
+    clinical.tsv         patient_id, disease (the slide's label: what the manifest reads)
+    slides.tsv           patient_id, label (= disease), anomaly (none|micro|macro),
+                         n_positive_sites (the design of each slide, for inspection)
     images.tsv           patient_id, modality (WSI), path (relative to the folder)
     sites.tsv            patient_id, site, x_level0_px, y_level0_px, size_level0_px,
                          positive (0/1), anomaly, shape (none|circle|ellipse),
@@ -456,7 +457,9 @@ def write_toy_cohort(
         for plan in track(plans, description=f"Toy {kind} cohort", disable=not progress):
             site_tables.append(_write_slide(folder, plan, kind, seed, n_sites, patch_px))
         write_tsv(pd.concat(site_tables, ignore_index=True), folder / "sites.tsv")
-        write_tsv(_clinical_table(plans), folder / "clinical.tsv")
+        slides = _slide_table(plans)
+        write_tsv(slides[["patient_id", "disease"]], folder / "clinical.tsv")
+        write_tsv(slides.drop(columns="disease"), folder / "slides.tsv")
         images = pd.DataFrame(
             {
                 "patient_id": [p.slide_id for p in plans],
@@ -509,7 +512,8 @@ def _write_slide(
     return sites
 
 
-def _clinical_table(plans: list[ToySlidePlan]) -> pd.DataFrame:
+def _slide_table(plans: list[ToySlidePlan]) -> pd.DataFrame:
+    """One row per slide: its label (as ``disease`` for the manifest) and its design."""
     return pd.DataFrame(
         {
             "patient_id": [p.slide_id for p in plans],

@@ -13,6 +13,7 @@ RGB level 0 whose ``ImageDescription`` starts with ``Aperio Image Library`` and 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -200,3 +201,38 @@ def write_patient_slides(
             )
         )
     return paths
+
+
+def write_single_level_tiff(path: Path, size_px: int, tile_px: int = 256) -> Path:
+    """Write a tiled JPEG TIFF of one level (no pyramid, no µm/px): a disc of pink, noisy
+    'tissue' tiles on white glass, as scanners' single-level exports are.
+
+    Tiles repeat from a small set and are streamed to the writer, so a gigapixel slide takes
+    seconds and little memory to write.
+    """
+    rng = np.random.default_rng(0)
+    pink = np.array([200, 110, 160])
+    tissue = [
+        (pink + rng.integers(-30, 30, (tile_px, tile_px, 3))).clip(0, 255).astype(np.uint8)
+        for _ in range(4)
+    ]
+    glass = np.full((tile_px, tile_px, 3), 242, np.uint8)
+    n = math.ceil(size_px / tile_px)
+
+    def tiles():
+        for row in range(n):
+            for col in range(n):
+                inside = (row + 0.5 - n / 2) ** 2 + (col + 0.5 - n / 2) ** 2 < (0.45 * n) ** 2
+                yield tissue[(row + col) % 4] if inside else glass
+
+    tifffile.imwrite(
+        path,
+        tiles(),
+        shape=(size_px, size_px, 3),
+        dtype=np.uint8,
+        tile=(tile_px, tile_px),
+        photometric="rgb",
+        compression="jpeg",
+        metadata=None,
+    )
+    return path

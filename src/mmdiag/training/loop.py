@@ -31,6 +31,14 @@ sample or for the whole global batch, never per process, so N processes train th
 as one process (up to float summation order). Predictions are split across processes and
 gathered on all of them.
 
+Resume: given ``resume_dir``, :func:`train_model` saves its state after every epoch
+(:mod:`.resume`: weights, optimiser, scheduler, every random stream, model selection and the
+log) and a rerun with the same settings, data and initial weights continues after the last
+saved epoch; on the CPU it ends bit-identical to an uninterrupted run. Under data parallelism
+the first process writes the state and every process loads it; a run may resume with another
+number of processes (it then continues the same run up to float summation order). A
+``before_step`` hook with a state of its own must keep that state itself.
+
 Loss scaling: the loss of a share is taken to be a per-sample mean over this process's rows;
 it is multiplied by ``len(share) * N / len(global batch)``, so DDP's average of the gradients
 is the gradient of the global batch's mean. A term that couples the samples of the batch (a
@@ -49,8 +57,9 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -66,6 +75,7 @@ from mmdiag.training.distributed import (
     unwrap,
     wrap_ddp,
 )
+from mmdiag.training.resume import EpochState, TrainerParts, fingerprint, weights_digest
 from mmdiag.training.sampling import (
     SAMPLERS,
     class_weight_tensor,
@@ -365,6 +375,8 @@ def train_model(
     description: str = "training",
     context: DistContext | None = None,
     before_step: BeforeStep | None = None,
+    resume_dir: Path | None = None,
+    resume_key: Mapping | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place; return one log row per epoch.
 
@@ -375,6 +387,12 @@ def train_model(
     process's batch and the loss terms the model's ``loss`` returned (see the module
     docstring). With model selection on, each row records whether its epoch was the best
     (``best``); training stops once ``early_stopping_patience`` epochs bring no improvement.
+
+    With ``resume_dir`` the state is saved there after every epoch, and a saved state of the
+    same run is resumed (see :mod:`.resume`); the run is identified by the settings, the
+    numbers of samples, the model's initial weights and ``resume_key`` (the caller's
+    description of its data and settings, e.g. the fold's inputs). The caller removes the
+    folder once it has written its outputs (:func:`~mmdiag.training.resume.clear_state`).
     """
     if not train_samples:
         raise ValueError("no training samples")
@@ -388,13 +406,16 @@ def train_model(
     run = _prepare_run(model, train_samples, collate, settings, context, before_step)
     scheduler = _make_scheduler(run.optimiser, settings)
     selection = _Selection(settings)
-    history = []
+    run_key = {"n_val": len(val_samples), "key": resume_key}
+    state = _epoch_state(run, scheduler, resume_dir, run_key, description)
+    history = state.restore_history(selection)
     with _progress(context) as bar:
-        task = bar.add_task(description, total=settings.epochs, status="")
-        for epoch in range(1, settings.epochs + 1):
+        task = bar.add_task(description, total=settings.epochs, status="", completed=len(history))
+        for epoch in _epochs_left(history, selection, settings):
             row = _epoch_row(run, epoch, val_samples, selection)
             _step_scheduler(scheduler, settings, row)
             history.append(row)
+            state.save(history, extra=selection.values(), extra_tensors=selection.tensors())
             status = " ".join(f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "lr"))
             bar.update(task, advance=1, status=status)
             if context.is_main:
@@ -412,6 +433,36 @@ def train_model(
     if settings.restore_best:
         selection.restore(run.model, context, description)
     return history
+
+
+def _epoch_state(run: _Run, scheduler, resume_dir, run_key: dict, description) -> EpochState:
+    """Saving and restoring the run's state in ``resume_dir`` (neither without one).
+
+    The fingerprint is taken before the first step: the settings, the number of training
+    samples, the initial weights (the same on every process and for any number of them) and
+    ``run_key``.
+    """
+    key = ""
+    if resume_dir is not None:
+        key = fingerprint(
+            {
+                "trainer": "train_model",
+                "settings": asdict(run.settings),
+                "n_train": len(run.samples),
+                "initial_weights": weights_digest(run.model),
+                **run_key,
+            }
+        )
+    generators = {"order": run.generator, "dropout": run.dropout_generator}
+    parts = TrainerParts(run.model, run.optimiser, scheduler, generators=generators)
+    return EpochState(resume_dir, key, parts, description=description, writes=run.context.is_main)
+
+
+def _epochs_left(history: list[dict], selection: _Selection, settings: TrainSettings) -> range:
+    """The epochs still to train: none when early stopping had ended the saved run."""
+    if selection.exhausted:
+        return range(0)
+    return range(len(history) + 1, settings.epochs + 1)
 
 
 def _validation_users(settings: TrainSettings) -> list[str]:
@@ -440,7 +491,8 @@ class _Run:
     collate: Collate
     optimiser: torch.optim.Optimizer
     settings: TrainSettings
-    generator: torch.Generator
+    generator: torch.Generator  # the epoch order and the per-sample seeds
+    dropout_generator: torch.Generator  # the masks of GlobalBatchDropout
     context: DistContext
     before_step: BeforeStep | None
 
@@ -448,7 +500,8 @@ class _Run:
 def _prepare_run(model, samples, collate, settings, context, before_step) -> _Run:
     """Seeded generators, synchronised batch norm, the optimiser and the DDP objective."""
     generator = torch.Generator().manual_seed(settings.seed)
-    use_global_batch_dropout(model, torch.Generator().manual_seed(settings.seed + 1))
+    dropout_generator = torch.Generator().manual_seed(settings.seed + 1)
+    use_global_batch_dropout(model, dropout_generator)
     model = sync_batchnorm(model, context).to(context.device)
     labels = None
     if settings.sampler != "shuffle" or settings.class_weights != "none":
@@ -467,6 +520,7 @@ def _prepare_run(model, samples, collate, settings, context, before_step) -> _Ru
         optimiser=optimiser,
         settings=settings,
         generator=generator,
+        dropout_generator=dropout_generator,
         context=context,
         before_step=before_step,
     )
@@ -563,6 +617,23 @@ class _Selection:
                 k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
             }
         return True
+
+    def values(self) -> dict:
+        """The selection's state as JSON values, for the resume state."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "stale": self.stale}
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The best epoch's weights, when kept, as the resume state's ``best`` group."""
+        return {} if self.best_state is None else {"best": self.best_state}
+
+    def load(self, values: Mapping, best_state: dict[str, torch.Tensor] | None) -> None:
+        """Take back a saved selection (:meth:`values` and :meth:`tensors`)."""
+        self.best, self.best_epoch, self.stale = (
+            values["best"],
+            values["best_epoch"],
+            values["stale"],
+        )
+        self.best_state = best_state if self.keep_state else None
 
     @property
     def exhausted(self) -> bool:

@@ -173,15 +173,23 @@ def _volume_from_dataset(ds: Dataset, path: Path) -> Volume:
 
 
 def _read_folder(folder: Path) -> list[tuple[Path, Dataset]]:
-    """Read every non-hidden file of ``folder``; keep those holding pixel data."""
+    """Read every non-hidden file of ``folder``; keep those holding pixel data.
+
+    Files that are no image (a DICOMDIR, a report: no ``Rows``) are skipped. An image file
+    without pixel data, or a file of which nothing could be read, is an error: pydicom reads a
+    file cut inside its pixel data as one without it (or, for encapsulated pixel data, as an
+    empty dataset), and skipping it would silently shorten the volume.
+    """
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = []
     for path in files:
         ds = _read_dataset(path)
         if "PixelData" in ds:
             images.append((path, ds))
+        elif "Rows" in ds:
+            raise VolumeError(f"{path}: an image slice without pixel data (truncated file?)")
         else:
-            log.debug("%s: no pixel data, skipped", path)
+            log.debug("%s: no image, skipped", path)
     if not images:
         raise VolumeError(f"{folder}: no DICOM files with pixel data")
     return images
@@ -190,9 +198,12 @@ def _read_folder(folder: Path) -> list[tuple[Path, Dataset]]:
 def _read_dataset(path: Path) -> Dataset:
     """Parse one DICOM file, turning any pydicom or OS failure into :class:`VolumeError`."""
     try:
-        return pydicom.dcmread(path)
+        dataset = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types for foreign or truncated files
         raise VolumeError(f"{path}: cannot read as DICOM ({type(exc).__name__}: {exc})") from exc
+    if len(dataset) == 0:  # what pydicom returns for a file cut inside encapsulated pixels
+        raise VolumeError(f"{path}: no DICOM element could be read (truncated file?)")
+    return dataset
 
 
 def _check_one_series(folder: Path, images: list[tuple[Path, Dataset]]) -> None:
@@ -467,7 +478,10 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
 
 
 def _decoder_hint(syntax: uid.UID | None) -> str:
-    """What to install so pydicom can decode ``syntax``."""
+    """What to install so pydicom can decode ``syntax`` (for uncompressed pixels: what is
+    wrong, since no plugin is involved)."""
+    if syntax is not None and syntax.is_transfer_syntax and not syntax.is_compressed:
+        return "Uncompressed pixel data that does not fit the image attributes: a damaged file."
     if syntax in uid.JPEG2000TransferSyntaxes:
         return "Install Pillow with OpenJPEG support, or pylibjpeg with pylibjpeg-openjpeg."
     if syntax in uid.JPEGLSTransferSyntaxes:

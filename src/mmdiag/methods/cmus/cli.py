@@ -17,6 +17,7 @@ from mmdiag.cli_support import (
     SettingsJson,
     SplitsPath,
     VariantName,
+    examples,
     fail,
     load_settings,
     method_manifest_rules,
@@ -38,7 +39,11 @@ GlomeruliPath = Annotated[
 ]
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag cmus segment --manifest results/demo/manifest.tsv --out-dir glomeruli",
+    )
+)
 def segment(
     manifest_path: ManifestPath,
     out_dir: Annotated[Path, typer.Option(help="Folder for masks/, qc/ and glomeruli.tsv.")],
@@ -55,7 +60,12 @@ def segment(
     )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag cmus train --variant cmus_net --fold 0 --manifest results/demo/manifest.tsv "
+        "--splits results/demo/splits/kfold5.json --out fold_0",
+    )
+)
 @reports_errors()
 def train(
     variant: VariantName,
@@ -91,7 +101,13 @@ def train(
     )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag cmus vote --variant late_vote --fold 0 --out late_vote/fold_0 "
+        "results/cmus/om/fold_0/predictions.tsv results/cmus/im/fold_0/predictions.tsv "
+        "results/cmus/tem/fold_0/predictions.tsv",
+    )
+)
 @reports_errors()
 def vote(
     variant: Annotated[str, typer.Option(help="A late_vote variant.")],
@@ -123,7 +139,12 @@ def vote(
     )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag cmus figures --results results/cmus --manifest results/demo/manifest.tsv "
+        "--splits results/demo/splits/kfold5.json --out-dir figures",
+    )
+)
 @reports_errors()
 def figures(
     results: Annotated[Path, typer.Option(help="The method's results folder (results/{method}).")],

@@ -8,6 +8,10 @@ checksums), through :mod:`mmdiag.training.fold_outputs`.
 Started by ``torchrun --nproc-per-node N`` (the workflow does so for jobs given several GPUs),
 the fold trains data-parallel on N processes (see :mod:`mmdiag.training.loop`); every process
 computes the same predictions and metrics, and only the first writes the fold folder.
+
+Training saves its state after every epoch in the hidden folder ``.fold_{k}.resume`` beside the
+fold folder (:func:`mmdiag.training.resume.state_dir_beside`); a rerun after a kill continues
+after the last saved epoch, and the folder is removed once the fold folder is written.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from mmdiag.data.splits import load_fold, training_seed
 from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS
-from mmdiag.io import read_tsv
+from mmdiag.io import read_tsv, sha256_path
 from mmdiag.methods.cmus.data import batch_collator, patient_loader, uses_crops
 from mmdiag.methods.cmus.settings import model_arguments, task_classes, train_settings_of
 from mmdiag.models import create_model
@@ -36,6 +40,7 @@ from mmdiag.training.fold_outputs import (
     write_fold_folder,
 )
 from mmdiag.training.loop import predict_proba, train_model
+from mmdiag.training.resume import clear_state, state_dir_beside, training_settings
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,10 @@ def _train_and_write_fold(
         model_name, num_classes=len(classes), **model_arguments(model_name, variant_settings)
     )
     collate = batch_collator(method_settings)
+    inputs = {"manifest": manifest_path, "splits": splits_path}
+    if uses_crops(method_settings, glomeruli_path):
+        inputs["glomeruli"] = glomeruli_path
+    state_dir = state_dir_beside(out_dir)
     history = train_model(
         model,
         train,
@@ -123,6 +132,8 @@ def _train_and_write_fold(
         val_samples=val,
         description=f"{method}/{variant}/fold {fold}",
         context=context,
+        resume_dir=state_dir,
+        resume_key=_resume_key(method, variant, fold, method_settings, inputs),
     )
     prob, _ = predict_proba(
         model,
@@ -143,9 +154,6 @@ def _train_and_write_fold(
     metrics = fold_metrics(predictions, classes, METRICS)
     if not context.is_main:
         return metrics
-    inputs = {"manifest": manifest_path, "splits": splits_path}
-    if uses_crops(method_settings, glomeruli_path):
-        inputs["glomeruli"] = glomeruli_path
     resolved = provenance(
         method=method,
         variant=variant,
@@ -165,6 +173,7 @@ def _train_and_write_fold(
         model=model,
         history=history,
     )
+    clear_state(state_dir)
     log.info(
         "%s/%s fold %d: %d train, %d test patients, %d process(es), %s (%.1f s)",
         method,
@@ -177,6 +186,18 @@ def _train_and_write_fold(
         time.perf_counter() - started,
     )
     return metrics
+
+
+def _resume_key(method, variant, fold, method_settings, inputs) -> dict:
+    """What a saved training state must match to be resumed: the fold, its settings and the
+    checksums of its inputs (the split file's among them)."""
+    return {
+        "method": method,
+        "variant": variant,
+        "fold": fold,
+        "method_settings": training_settings(method_settings, variant),
+        "inputs": {name: sha256_path(path) for name, path in inputs.items()},
+    }
 
 
 def majority_vote(

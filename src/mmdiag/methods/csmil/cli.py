@@ -18,6 +18,7 @@ from mmdiag.cli_support import (
     SettingsJson,
     SplitsPath,
     VariantName,
+    examples,
     load_settings,
     method_manifest_rules,
     method_settings,
@@ -34,7 +35,14 @@ log = logging.getLogger("mmdiag")
 Method = Annotated[str, typer.Option("--method", help="A configured CS-MIL-family method.")]
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag csmil train --variant csmil --fold 0 --manifest "
+        "results/toy_mixed/manifest.tsv --splits results/toy_mixed/splits/csmil_repeated.json "
+        "--clusters results/toy_mixed/features/clusters.tsv --out-dir fold_0 "
+        "results/toy_mixed/features/stores",
+    )
+)
 @reports_errors()
 def train(
     variant: VariantName,
@@ -70,7 +78,13 @@ def train(
     )
 
 
-@app.command()
+@app.command(
+    epilog=examples(
+        "mmdiag csmil figures --results results/csmil --manifest "
+        "results/toy_mixed/manifest.tsv --features results/toy_mixed/features/stores --out-dir "
+        "figures",
+    )
+)
 @reports_errors()
 def figures(
     results: Annotated[Path, typer.Option(help="The method's results folder.")],
@@ -90,7 +104,13 @@ def figures(
     log.info("%s: %d figures in %s", method, len(written), out_dir)
 
 
-@app.command("toy-table")
+@app.command(
+    "toy-table",
+    epilog=examples(
+        "mmdiag csmil toy-table --micro results/csmil_micro/fold_all.tsv --macro "
+        "results/csmil_macro/fold_all.tsv --out-dir tables",
+    ),
+)
 @reports_errors()
 def toy_table(
     micro: Annotated[Path, typer.Option(help="fold_all.tsv of the micro-anomaly method.")],

@@ -11,11 +11,16 @@ instance and scale attention of the test bags is averaged per patch for attentio
 Side effects: writes, atomically, ``out_dir`` = ``results/{method}/{variant}/fold_{k}/``
 holding ``model.safetensors``, ``predictions.tsv``, ``metrics.tsv`` (ACC, AUC, AP, ...),
 ``train_log.tsv``, ``attention.tsv`` and ``config.yaml``.
+
+Training saves its state after every epoch (weights, Adam's moments, the kept best weights,
+the bag-drawing generator and the log; :mod:`mmdiag.training.resume`) in the hidden folder
+``.fold_{k}.resume`` beside the fold folder; a rerun after a kill continues after the last
+saved epoch with the result of an uninterrupted run, and the folder is removed once the fold
+folder is written.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +33,7 @@ from torch import nn
 
 from mmdiag.data.splits import load_fold, training_seed
 from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS
+from mmdiag.io import sha256_path
 from mmdiag.methods.csmil.bags import aggregate_bag_probabilities, collate_bags, sample_bags
 from mmdiag.methods.csmil.data import Slide, load_slides, standardise
 from mmdiag.methods.csmil.settings import binary_classes, cluster_column, stratified_bags
@@ -37,6 +43,15 @@ from mmdiag.training.fold_outputs import (
     predictions_frame,
     provenance,
     write_fold_folder,
+)
+from mmdiag.training.resume import (
+    EpochState,
+    TrainerParts,
+    clear_state,
+    fingerprint,
+    state_dir_beside,
+    training_settings,
+    weights_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -95,47 +110,113 @@ def train_variant(
     rng: np.random.Generator,
     *,
     stratified: bool,
+    resume_dir: Path | None = None,
+    resume_key: Mapping | None = None,
+    description: str = "CS-MIL",
 ) -> list[dict]:
-    """Train in place, keep the lowest-validation-loss weights; return the epoch log."""
+    """Train in place, keep the lowest-validation-loss weights; return the epoch log.
+
+    With ``resume_dir`` the state is saved there after every epoch and a saved state of the
+    same run (settings, cases, initial weights, ``rng``'s state and ``resume_key``) is resumed;
+    ``rng`` then continues from the saved epoch, so what the caller draws next is unchanged.
+    """
     train_settings, bag_settings = settings["train"], settings["bags"]
-    size, batch_size = bag_settings["size"], train_settings["batch_size"]
+    key = ""
+    if resume_dir is not None:
+        key = _fingerprint(model, train, val, settings, rng, stratified, resume_key)
     optimiser = torch.optim.Adam(
         model.parameters(), lr=train_settings["lr"], weight_decay=train_settings["weight_decay"]
     )
+    size = bag_settings["size"]
     val_bags = [
         draw_bags(s, bag_settings["val_bags"], size, rng, stratified=stratified) for s in val
     ]
-    best_loss, best_state, history = float("inf"), None, []
-    for epoch in range(1, train_settings["epochs"] + 1):
+    parts = TrainerParts(model, optimiser, numpy_rngs={"bags": rng})
+    state = EpochState(resume_dir, key, parts, description=description)
+    best = _BestEpoch()
+    history = state.restore_history(best)
+    for epoch in range(len(history) + 1, train_settings["epochs"] + 1):
         started = time.perf_counter()
-        items = [
-            (slide, bag)
-            for slide in train
-            for bag in draw_bags(
-                slide, bag_settings["train_bags_per_slide"], size, rng, stratified=stratified
-            )
-        ]
-        order = rng.permutation(len(items))
-        model.train()
-        loss_sum = 0.0
-        for start in range(0, len(order), batch_size):
-            chosen = [items[i] for i in order[start : start + batch_size]]
-            loss, _ = model.loss(_batch([s for s, _ in chosen], [b for _, b in chosen]))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            loss_sum += loss.item() * len(chosen)
-        row = {"epoch": epoch, "train_loss": loss_sum / len(items)}
+        loss = _train_epoch(model, optimiser, train, settings, rng, stratified)
+        row = {"epoch": epoch, "train_loss": loss}
         if val:
             row["val_loss"] = validation_loss(model, val, val_bags, batch_size=64)
-            if row["val_loss"] < best_loss:
-                best_loss, best_state = row["val_loss"], copy.deepcopy(model.state_dict())
+            if best.update(row["val_loss"], model):
                 row["selected"] = True
         row["seconds"] = time.perf_counter() - started
         history.append(row)
-    if best_state is not None:
-        model.load_state_dict(best_state)
+        state.save(history, extra=best.values(), extra_tensors=best.tensors())
+    if best.state is not None:
+        model.load_state_dict(best.state)
     return history
+
+
+def _train_epoch(model, optimiser, train, settings: Mapping, rng, stratified: bool) -> float:
+    """One epoch on freshly drawn bags, in an order drawn from ``rng``; the mean loss."""
+    bag_settings, batch_size = settings["bags"], settings["train"]["batch_size"]
+    items = [
+        (slide, bag)
+        for slide in train
+        for bag in draw_bags(
+            slide,
+            bag_settings["train_bags_per_slide"],
+            bag_settings["size"],
+            rng,
+            stratified=stratified,
+        )
+    ]
+    order = rng.permutation(len(items))
+    model.train()
+    loss_sum = 0.0
+    for start in range(0, len(order), batch_size):
+        chosen = [items[i] for i in order[start : start + batch_size]]
+        loss, _ = model.loss(_batch([s for s, _ in chosen], [b for _, b in chosen]))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        loss_sum += loss.item() * len(chosen)
+    return loss_sum / len(items)
+
+
+class _BestEpoch:
+    """The lowest validation loss so far and a copy of its weights."""
+
+    def __init__(self) -> None:
+        self.loss = float("inf")
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def update(self, loss: float, model: nn.Module) -> bool:
+        """Keep the weights when ``loss`` is the lowest so far; whether it was."""
+        if not loss < self.loss:
+            return False
+        self.loss = loss
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True
+
+    def values(self) -> dict:
+        return {"best_loss": self.loss}
+
+    def tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {} if self.state is None else {"best": self.state}
+
+    def load(self, values: Mapping, state: dict[str, torch.Tensor] | None) -> None:
+        self.loss, self.state = float(values["best_loss"]), state
+
+
+def _fingerprint(model, train, val, settings: Mapping, rng, stratified, resume_key) -> str:
+    """What identifies a CS-MIL training run for resuming."""
+    return fingerprint(
+        {
+            "trainer": "csmil",
+            "train_settings": settings["train"],
+            "bags": settings["bags"],
+            "stratified": stratified,
+            "cases": {"train": [s.case_id for s in train], "val": [s.case_id for s in val]},
+            "initial_weights": weights_digest(model),
+            "rng": rng.bit_generator.state,
+            "key": resume_key,
+        }
+    )
 
 
 def test_variant(model, test: Sequence[Slide], settings: Mapping, rng, *, stratified: bool):
@@ -219,8 +300,29 @@ def run_csmil_fold(
     rng = np.random.default_rng([seed, fold])
     in_dim = next(iter(slides.values())).features.shape[-1]
     model = create_model(spec["model"], in_dim=in_dim, **spec["options"])
+    inputs = {
+        "manifest": manifest_path,
+        "splits": splits_path,
+        "clusters": clusters_path,
+        **{f"features:{p}": p for p in feature_paths},
+    }
+    state_dir = state_dir_beside(out_dir)
     history = train_variant(
-        model, parts["train"], parts["val"], method_settings, rng, stratified=stratified
+        model,
+        parts["train"],
+        parts["val"],
+        method_settings,
+        rng,
+        stratified=stratified,
+        resume_dir=state_dir,
+        resume_key={
+            "method": method,
+            "variant": variant,
+            "fold": fold,
+            "method_settings": training_settings(method_settings, variant),
+            "inputs": {name: sha256_path(path) for name, path in inputs.items()},
+        },
+        description=f"{method}/{variant}/fold {fold}",
     )
     scores, attention = test_variant(
         model, parts["test"], method_settings, rng, stratified=stratified
@@ -233,12 +335,7 @@ def run_csmil_fold(
         fold=fold,
         method_settings=method_settings,
         classes=classes,
-        inputs={
-            "manifest": manifest_path,
-            "splits": splits_path,
-            "clusters": clusters_path,
-            **{f"features:{p}": p for p in feature_paths},
-        },
+        inputs=inputs,
         n_cases={k: len(v) for k, v in parts.items()},
         seconds=round(time.perf_counter() - started, 2),
     )
@@ -253,6 +350,7 @@ def run_csmil_fold(
         tables={"attention.tsv": attention},
         tensors={"feature_scaling.safetensors": scaling} if scaling is not None else None,
     )
+    clear_state(state_dir)
     log.info(
         "%s %s fold %d: %s",
         method,
