@@ -12,12 +12,24 @@ statistics stage and the tables read them back by the same names.
   (scikit-learn's definition);
 - ``microF1``: micro-averaged F1 (for single-label classification it equals ACC);
 - ``QWK``: Cohen's kappa with quadratic weights over the configured classes (ordinal grades);
-- ``C-index``: Harrell's concordance of the predicted risk with right-censored survival.
+- ``C-index``: Harrell's concordance of the predicted risk with right-censored survival;
+- ``mAcc``, ``mPre``, ``mRec``, ``mF1``: MHD-Net's tumour-typing metrics (Zhang et al.,
+  "MHD-Net: Memory-Aware Hetero-Modal Distillation Network for Thymic Epithelial Tumor
+  Typing With Missing Pathology Modality", Table II: its mAcc, Pre, Rec and F1). ``mAcc``
+  is plain accuracy (correct over all predictions, as ``ACC``); ``mPre`` and ``mRec`` are
+  macro precision and recall over
+  the classes present in ``y_true`` or ``y_pred`` (scikit-learn's default labels: a class in
+  neither has no defined precision or recall and is left out, whereas ``PRE`` and ``REC``
+  count it as 0); ``mF1`` is ``2 * mPre * mRec / (mPre + mRec)`` of those macro values, not
+  the mean of per-class F1 (``F1``). The paper's QWK is the registry's ``QWK``.
 
-ACC, PRE, REC, SPE, F1, BACC, microF1 and QWK read the predicted classes: ``y_pred`` when
-given, else the arg-max of ``prob``. AUC and AP read the probabilities, C-index ``time``,
-``event`` and ``risk``. Metrics that are undefined on a fold (a single-class test set) warn
-and return ``nan``.
+ACC, PRE, REC, SPE, F1, BACC, microF1, QWK, mAcc, mPre, mRec and mF1 read the predicted
+classes: ``y_pred`` when given, else the arg-max of ``prob``. AUC and AP read the
+probabilities, C-index ``time``, ``event`` and ``risk``. Metrics that are undefined on a fold
+(a single-class test set) warn and return ``nan``; so do mAcc, mPre, mRec and mF1 of a fold
+without cases. A class present in only one of ``y_true`` and ``y_pred`` has precision or
+recall 0 where its denominator is 0 (scikit-learn's ``zero_division=0``); ``mF1`` is 0 when
+``mPre + mRec`` is 0.
 """
 
 from __future__ import annotations
@@ -172,6 +184,55 @@ def concordance(p: FoldPredictions) -> float:
 
     time, event, risk = (_needs(v, "C-index", n) for v, n in _survival_arrays(p))
     return float(concordance_index(time, event, risk))
+
+
+@_metric("mAcc")
+def typing_accuracy(p: FoldPredictions) -> float:
+    """MHD-Net's mAcc: correct predictions over all predictions (``nan`` on an empty fold)."""
+    if not _has_cases(p, "mAcc"):
+        return float("nan")
+    return accuracy(p)
+
+
+@_metric("mPre")
+def typing_precision(p: FoldPredictions) -> float:
+    """MHD-Net's Pre: mean precision over the classes in ``y_true`` or ``y_pred``."""
+    if not _has_cases(p, "mPre"):
+        return float("nan")
+    return float(_precision(p)[_observed_classes(p)].mean())
+
+
+@_metric("mRec")
+def typing_recall(p: FoldPredictions) -> float:
+    """MHD-Net's Rec: mean recall over the classes in ``y_true`` or ``y_pred``."""
+    if not _has_cases(p, "mRec"):
+        return float("nan")
+    return float(_recall(p)[_observed_classes(p)].mean())
+
+
+@_metric("mF1")
+def typing_f1(p: FoldPredictions) -> float:
+    """MHD-Net's F1: the harmonic mean of the macro Pre and Rec (Table II of the paper)."""
+    if not _has_cases(p, "mF1"):
+        return float("nan")
+    precision, recall = typing_precision(p), typing_recall(p)
+    if precision + recall == 0:
+        return 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def _has_cases(p: FoldPredictions, metric: str) -> bool:
+    """Whether the fold has any case; warns (the metric is then undefined) when it has none."""
+    if len(p.y_true) == 0:
+        warnings.warn(f"{metric} undefined: the fold holds no cases", stacklevel=4)
+        return False
+    return True
+
+
+def _observed_classes(p: FoldPredictions) -> np.ndarray:
+    """Mask of the classes that occur in ``y_true`` or ``y_pred`` (scikit-learn's labels)."""
+    counts = p.one_vs_rest
+    return (counts["tp"] + counts["fp"] + counts["fn"]) > 0
 
 
 def _survival_arrays(p: FoldPredictions):
