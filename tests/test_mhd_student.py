@@ -62,7 +62,7 @@ def test_deployed_forward_takes_ct_only_and_changes_no_buffer():
     distiller = _distiller()
     deployed = distiller.deploy()
     assert isinstance(deployed, MHDDeployed)
-    assert list(inspect.signature(deployed.forward).parameters) == ["ct"]
+    assert list(inspect.signature(deployed.forward).parameters) == ["inputs"]
     batch = _batch()
     with pytest.raises(TypeError):
         deployed(batch["ct"], batch["wsi"])
@@ -70,6 +70,8 @@ def test_deployed_forward_takes_ct_only_and_changes_no_buffer():
     before = _buffers(deployed)
     with torch.no_grad():
         logits = deployed(batch["ct"])
+        # a batch is read for its CT only
+        torch.testing.assert_close(deployed(batch), logits, rtol=0, atol=0)
     assert _buffers(deployed) == before
     assert logits.shape == (4, 4)
     # in training mode the frozen teacher B_R and memory still stay put (only the student moves)

@@ -27,6 +27,7 @@ DEMO = [
     ROOT / "config/config.yaml",
     ROOT / "config/methods/cmus.yaml",
     ROOT / "config/methods/csmil.yaml",
+    ROOT / "config/methods/mhd.yaml",
 ]
 PAPER = ROOT / "config/paper"
 CSMIL_METHODS = ("csmil", "csmil_tcga", "csmil_micro", "csmil_macro")
@@ -279,3 +280,62 @@ def test_amsgrad_goes_from_the_config_to_the_train_settings(cmus_paper):
     edited = copy.deepcopy(cmus_paper)
     edited["methods"]["cmus"]["train"]["amsgrad"] = True
     assert train_settings_of(validate_config(edited)["methods"]["cmus"], "cmus_net").amsgrad
+
+
+# --------------------------------------------------------------------------- MHD-Net
+
+
+@pytest.fixture(scope="module")
+def mhd_paper():
+    return load_config([*DEMO, PAPER / "mhd.yaml"])["methods"]["mhd"]
+
+
+def test_mhd_paper_states_the_sequences_network_and_training(mhd_paper):
+    from mmdiag.models.mhd import memory_item_dim
+
+    assert mhd_paper["sequences"] | {} == {
+        "depth": 24,
+        "size": 224,
+        "head_fraction": 0.2,
+        "tail_fraction": 0.3,
+        "min_lesion_fraction": 0.0,
+        "hu_level": 50,
+        "hu_width": 500,
+        "patch_scale": None,
+        "keep_other": True,
+    }
+    network = mhd_paper["network"]
+    assert network["widths"] == [64, 128, 256, 512] and network["kernel_sizes"] == [7, 7, 7]
+    assert (network["gate_kernel"], network["reduction"]) == (7, 4)
+    assert network["capacities"] == [784, 784, 196]
+    assert memory_item_dim(24, network["widths"]) == 768  # c_s * t_s at every stage
+    train = mhd_paper["train"]
+    assert (train["epochs"], train["batch_size"], train["lr"]) == (100, 8, 1e-3)
+
+
+def test_mhd_paper_rows_change_only_what_their_row_names(mhd_paper):
+    from mmdiag.methods.mhd.settings import model_arguments
+
+    def arguments(variant):
+        return model_arguments(mhd_paper, variant, 8)
+
+    reference = arguments("mhd_net")
+    assert reference["n_classes"] == 9  # 8 types + "other"
+    expected = {
+        "mhd_net_k3": {"kernel_sizes": [3, 3, 3]},
+        "mhd_net_k9": {"kernel_sizes": [9, 9, 9]},
+        "mhd_net_code_kappa": {"kernel_sizes": [7, 5, 3]},
+        "mhd_net_m3136": {"capacities": [3136, 784, 196]},
+        "mhd_net_m196": {"capacities": [784, 196, 196]},
+        "no_conmb": {"alpha_conmb": 0.0},
+        "no_ctmm": {"memory": False},
+        "no_kl": {"alpha_kl": 0.0},
+        "no_mse": {"alpha_mse": 0.0},
+        "kl_t20": {"temperature": 20.0},
+    }
+    for variant, change in expected.items():
+        differs = {k: v for k, v in arguments(variant).items() if reference.get(k) != v}
+        assert differs == change, variant
+    # every table row and figure variant is configured
+    names = set(mhd_paper["variants"])
+    assert all(set(t["rows"]) <= names for t in mhd_paper["tables"].values())

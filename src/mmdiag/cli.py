@@ -83,7 +83,8 @@ def synth(
     ] = None,
 ) -> None:
     """Write a seeded synthetic cohort: the multi-modal renal demo cohort (WSI, OM, IM, TEM,
-    CT, genes, clinical table), or with a cohort's ``generator: toy_mil`` CS-MIL's toy slides."""
+    CT, genes, clinical table), with a cohort's ``generator: toy_mil`` CS-MIL's toy slides, or
+    with ``generator: tet`` MHD-Net's thymic tumour cohort (CT + WSI)."""
     from mmdiag.synth import write_configured_cohort
 
     settings = load_settings(config, settings_json)

@@ -238,13 +238,13 @@ def read_cohort_patients(
                 ct_path=ct_paths[pid],
                 patch_stores=tuple(Path(p) for p in patch_stores.get(pid, ())),
                 lesion_z_range=ranges.get(pid) if lesions == "table" else None,
-                lesion_mask_path=_mask_path(ct_paths[pid]) if lesions == "mask" else None,
+                lesion_mask_path=lesion_mask_path_of(ct_paths[pid]) if lesions == "mask" else None,
             )
         )
     return patients
 
 
-def _mask_path(ct_path: Path) -> Path:
+def lesion_mask_path_of(ct_path: Path) -> Path:
     """``ct/P1.nii.gz`` -> ``ct/P1_mask.nii.gz``."""
     stem = ct_path.name.removesuffix(".gz").removesuffix(".nii")
     return ct_path.with_name(f"{stem}_mask.nii.gz")

@@ -54,8 +54,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmdiag.models.backbones3d import Backbone3d
+from mmdiag.models.registry import register_model
 from mmdiag.models.shfm import SHFM, ConcatFusion
-from mmdiag.models.type_memory import PAPER_ALPHA_CONMB, TypeMemory
+from mmdiag.models.type_memory import (
+    PAPER_ALPHA_CONMB,
+    PAPER_CAPACITIES,
+    PAPER_DECAY,
+    TypeMemory,
+)
 from mmdiag.training.stages import freeze
 
 #: Stage widths of the paper's ResNets.
@@ -66,6 +72,8 @@ PAPER_FRAMES = 24
 RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 #: Fusion modules between B_R/B_P and B_F: SHFM or the "w/o SHFM" concatenation (Fig. 5).
 FUSIONS = {"shfm": SHFM, "concat": ConcatFusion}
+#: SHFM keyword options a teacher passes to every SHFM (and a student's SHFMs share).
+SHFM_OPTIONS = ("gate_kernel", "reduction", "reduce_kernel", "norm_layer", "backend")
 #: Stages (1-based, as in the paper) whose features are fused.
 FUSED_STAGES = (1, 2, 3)
 #: Names of the three branches, in the order of eq. 4.
@@ -348,6 +356,10 @@ def read_memory(
     banks are summed with these type weights and laid out as ``(B, c_s, t_s, h_s, w_s)`` maps,
     with the ``(t_s, h_s, w_s)`` of ``B_R``'s own stage outputs (the student's stages have the
     same strides) and the student's ``channels``. Returns ``z_R'`` and the maps ``f_mem^s``.
+
+    A head trained with the extra "other" class (tumour-free sequences, class ``K``) has
+    ``K + 1`` outputs; ``z_R'`` is the softmax over the ``K`` type logits, since "other" has no
+    bank to weight.
     """
     with torch.no_grad():
         x, shapes = radiology.stem(ct), []
@@ -355,7 +367,8 @@ def read_memory(
             x = radiology.stage(stage, x)
             if stage in FUSED_STAGES:
                 shapes.append((channels[stage - 1], *x.shape[2:]))
-        type_weights = torch.softmax(radiology_head(radiology.pool(x)), dim=1)  # z_R'
+        logits = radiology_head(radiology.pool(x))[:, : memory.num_types]
+        type_weights = torch.softmax(logits, dim=1)  # z_R' over the K types (no "other" bank)
         return type_weights, memory.read_maps(type_weights, shapes)  # eq. 11
 
 
@@ -384,6 +397,9 @@ class MHDStudent(nn.Module):
         Involution size κ of the SHFMs at stages 1-3.
     ct_channels, shortcut_type
         As for :class:`MHDTeacher`.
+    memory
+        Fuse the memory maps (the paper). ``False`` is Fig. 6's "w/o CTMM" student: a plain
+        ResNet-18 whose stage 1-3 outputs ``f_R'^s`` are the features of eq. 12.
     **fusion_kwargs
         Passed to every SHFM.
     """
@@ -398,6 +414,7 @@ class MHDStudent(nn.Module):
         kernel_sizes: Sequence[int] = (7, 7, 7),
         ct_channels: int = 1,
         shortcut_type: str = "B",
+        memory: bool = True,
         **fusion_kwargs: object,
     ) -> None:
         super().__init__()
@@ -410,27 +427,34 @@ class MHDStudent(nn.Module):
             "resnet18", in_channels=ct_channels, widths=widths, shortcut_type=shortcut_type
         )
         t = stage_frames(frames)
+        self.uses_memory = bool(memory)
         self.fuse = nn.ModuleList(
             SHFM(widths[s - 1], t[s - 1], kernel_size=k, **fusion_kwargs)
             for s, k in zip(FUSED_STAGES, kernel_sizes, strict=True)
+            if self.uses_memory
         )
         self.compress = nn.ModuleList(  # con_s of eq. 12
             nn.Conv3d(widths[s - 1], teacher_widths[s - 1], 1) for s in FUSED_STAGES
         )
         self.head = nn.Linear(widths[-1], n_classes)
 
-    def forward(self, ct: torch.Tensor, memory_maps: Sequence[torch.Tensor]) -> dict[str, object]:
+    def forward(
+        self, ct: torch.Tensor, memory_maps: Sequence[torch.Tensor] | None
+    ) -> dict[str, object]:
         """Logits and the fused features of a CT volume given the memory maps of eq. 11.
 
         Returns ``logits`` ``(B, n_classes)`` and ``features_fusion``, the stage 1-3 maps
-        ``f_F'^s`` (before ``con_s``).
+        ``f_F'^s`` (before ``con_s``); without memory (``memory=False``, ``memory_maps`` None)
+        the stage outputs ``f_R'^s``.
         """
-        if len(memory_maps) != len(FUSED_STAGES):
-            raise ValueError(f"memory_maps must hold stages 1-3, got {len(memory_maps)} maps")
+        if self.uses_memory and (memory_maps is None or len(memory_maps) != len(FUSED_STAGES)):
+            raise ValueError("memory_maps must hold the maps of stages 1-3")
         x, fused = self.backbone.stem(ct), []
         for stage in range(1, self.backbone.num_stages):
             x = self.backbone.stage(stage, x)
-            if stage in FUSED_STAGES:
+            if stage in FUSED_STAGES and not self.uses_memory:
+                fused.append(x)
+            elif stage in FUSED_STAGES:
                 f_f = self.fuse[stage - 1](x, memory_maps[stage - 1])  # f_F'^s = SHFM(f_R', f_mem)
                 fused.append(f_f)
                 x = x + f_f  # residual into stage s + 1 (authors' code)
@@ -480,13 +504,14 @@ class MHDDeployed(nn.Module):
         type_weights, maps = read_memory(
             self.radiology, self.radiology_head, self.memory, ct, self.student.widths
         )
-        out = self.student(ct, maps)
+        out = self.student(ct, maps if self.student.uses_memory else None)
         out["type_weights"] = type_weights
         return out
 
-    def forward(self, ct: torch.Tensor) -> torch.Tensor:
-        """Student logits ``(B, n_classes)`` from a CT volume ``(B, 1, T, H, W)`` alone."""
-        return self.forward_features(ct)["logits"]
+    def forward(self, inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Student logits ``(B, n_classes)`` from a CT volume ``(B, 1, T, H, W)`` alone, or from
+        a batch of which only ``"ct"`` is read."""
+        return self.forward_features(_ct_of(inputs))["logits"]
 
 
 # --------------------------------------------------------------------------- distillation
@@ -579,6 +604,8 @@ class MHDDistiller(nn.Module):
 
     def forward_student(self, ct: torch.Tensor) -> dict[str, object]:
         """The student's outputs on CT alone (memory read through the frozen ``B_R``)."""
+        if not self.student.uses_memory:
+            return self.student(ct, None)
         _, maps = read_memory(
             self.teacher.radiology,
             self.teacher.heads["radiology"],
@@ -621,3 +648,148 @@ class MHDDistiller(nn.Module):
         return loss, logits, terms
 
     loss = student_loss  # the training loop's hook
+
+
+# --------------------------------------------------------------------------- CT-only baseline
+
+
+class CTResNet(nn.Module):
+    """A plain 3D ResNet on CT alone (the same frame-keeping backbone as the student).
+
+    The baseline the paper's claim is measured against: a CT ResNet-18 trained with
+    cross-entropy, without teacher, memory or distillation.
+    """
+
+    def __init__(
+        self,
+        n_classes: int = 8,
+        *,
+        widths: Sequence[int] = PAPER_WIDTHS,
+        backbone: str = "resnet18",
+        ct_channels: int = 1,
+        shortcut_type: str = "B",
+    ) -> None:
+        super().__init__()
+        self.num_classes = n_classes
+        self.backbone = create_frame_resnet(
+            backbone, in_channels=ct_channels, widths=widths, shortcut_type=shortcut_type
+        )
+        self.head = nn.Linear(widths[-1], n_classes)
+
+    def forward(self, inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Logits from a CT volume, or from a batch of which only ``"ct"`` is read."""
+        return self.head(self.backbone(_ct_of(inputs)))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def teacher_memory(
+    frames: int, widths: Sequence[int], capacities: Sequence[int], **memory_options
+) -> TypeMemory:
+    """The CTMM of a teacher with ``frames`` and ``widths`` (item dimension c_s * t_s)."""
+    return TypeMemory(memory_item_dim(frames, widths), capacities, **memory_options)
+
+
+def tiny_example(frames: int = 8, size: int = 32, batch: int = 2):
+    """A small MHD-Net's arguments and a paired CT + WSI batch (for the registry test)."""
+    generator = torch.Generator().manual_seed(0)
+    widths = (8, 16, 32, 64)
+    arguments = {
+        "n_classes": 3,
+        "frames": frames,
+        "widths": widths,
+        "kernel_sizes": (3, 3, 3),
+        "capacities": (16, 16, 4),
+        "num_types": 2,
+    }
+    data = {
+        "ct": torch.randn(batch, 1, frames, size, size, generator=generator),
+        "wsi": torch.rand(batch, 3, frames, size, size, generator=generator),
+        "label": torch.tensor([0, 2]),  # class 2 is "other" (not a type)
+        "tumour": torch.tensor([True, False]),
+    }
+    return arguments, data
+
+
+def _ct_example():
+    arguments, data = tiny_example()
+    return {"n_classes": 3, "widths": arguments["widths"]}, data
+
+
+@register_model(family="mhd", example=tiny_example)
+def mhd_teacher(
+    n_classes: int = 9,
+    *,
+    frames: int = PAPER_FRAMES,
+    widths: Sequence[int] = PAPER_WIDTHS,
+    capacities: Sequence[int] = PAPER_CAPACITIES,
+    num_types: int = 8,
+    decay: float = PAPER_DECAY,
+    memory_temperature: float = 1.0,
+    alpha_conmb: float = PAPER_ALPHA_CONMB,
+    seed: int = 0,
+    **teacher_options,
+) -> MHDTeacherWithMemory:
+    """The teacher with its CTMM (eq. 10); ``teacher_options`` go to :class:`MHDTeacher`
+    (``backbone``, ``kernel_sizes``, ``fusion``, SHFM options)."""
+    teacher = MHDTeacher(n_classes, frames=frames, widths=widths, **teacher_options)
+    memory = teacher_memory(
+        frames,
+        widths,
+        capacities,
+        num_types=num_types,
+        decay=decay,
+        temperature=memory_temperature,
+        seed=seed,
+    )
+    return MHDTeacherWithMemory(teacher, memory, alpha_conmb=alpha_conmb)
+
+
+@register_model(family="mhd", example=tiny_example)
+def mhd_student(
+    n_classes: int = 9,
+    *,
+    frames: int = PAPER_FRAMES,
+    widths: Sequence[int] = PAPER_WIDTHS,
+    student_widths: Sequence[int] | None = None,
+    kernel_sizes: Sequence[int] = (7, 7, 7),
+    student_kernel_sizes: Sequence[int] | None = None,
+    memory: bool = True,
+    alpha_mse: float = PAPER_ALPHA_MSE,
+    alpha_kl: float = PAPER_ALPHA_KL,
+    temperature: float = 1.0,
+    scale_kl_by_t2: bool = True,
+    **teacher_arguments,
+) -> MHDDistiller:
+    """Student training (eq. 14) around a teacher built by :func:`mhd_teacher` from
+    ``teacher_arguments`` (the trained teacher's weights and banks are loaded into it). The
+    student's SHFMs take the teacher's SHFM options (``gate_kernel``, ``reduction``, ...)."""
+    trained = mhd_teacher(
+        n_classes, frames=frames, widths=widths, kernel_sizes=kernel_sizes, **teacher_arguments
+    )
+    shfm_options = {k: v for k, v in teacher_arguments.items() if k in SHFM_OPTIONS}
+    student = MHDStudent(
+        n_classes,
+        frames=frames,
+        widths=student_widths or widths,
+        teacher_widths=widths,
+        kernel_sizes=student_kernel_sizes or kernel_sizes,
+        memory=memory,
+        **shfm_options,
+    )
+    return MHDDistiller(
+        trained.teacher,
+        trained.memory,
+        student,
+        alpha_mse=alpha_mse,
+        alpha_kl=alpha_kl,
+        temperature=temperature,
+        scale_kl_by_t2=scale_kl_by_t2,
+    )
+
+
+@register_model(family="mhd", example=_ct_example)
+def ct_resnet(n_classes: int = 9, **options) -> CTResNet:
+    """A plain CT 3D ResNet-18 (``backbone="resnet34"`` for the teacher's depth)."""
+    return CTResNet(n_classes, **options)

@@ -216,8 +216,11 @@ class TypeMemoryBank(nn.Module):
                 f"labels and tumour must have shape ({batch},), got {tuple(labels.shape)} "
                 f"and {tuple(tumour.shape)}"
             )
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_types):
-            raise ValueError(f"labels must lie in [0, {self.num_types}), got {labels.tolist()}")
+        typed = labels[tumour]  # other (non-tumour) sequences may carry the extra class K
+        if typed.numel() and (typed.min() < 0 or typed.max() >= self.num_types):
+            raise ValueError(
+                f"tumour labels must lie in [0, {self.num_types}), got {typed.tolist()}"
+            )
         return labels, tumour
 
 
@@ -273,6 +276,11 @@ class TypeMemory(nn.Module):
             TypeMemoryBank(num_types, m, item_dim, decay=decay, seed=seed + s)
             for s, m in enumerate(capacities)
         )
+
+    @property
+    def num_types(self) -> int:
+        """K, the number of type banks per stage."""
+        return self.stages[0].num_types
 
     def forward(self, feature_maps, labels: torch.Tensor, tumour: torch.Tensor) -> torch.Tensor:
         """Teacher training step: update every stage (eq. 6), then ConMB on the updated banks.

@@ -248,6 +248,70 @@ def plot_roc_per_class(predictions: pd.DataFrame, path: str | Path, *, title: st
     return _save(fig, path)
 
 
+def plot_roc_comparison(
+    models: Mapping[str, pd.DataFrame], path: str | Path, *, title: str, columns: int = 4
+) -> Path:
+    """One-vs-rest ROC per class with one mean curve per model (MHD-Net Fig. 5).
+
+    ``models`` maps a legend label to that model's prediction rows (all folds, the same
+    classes); each panel is one class, each curve the model's mean over folds
+    (:func:`roc_curves`), its AUC mean in the legend. Writes the PNG at ``path``.
+    """
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"models must be a non-empty mapping label -> predictions, got {models!r}")
+    rocs = {label: roc_curves(frame) for label, frame in models.items()}
+    classes = list(next(iter(rocs.values())))
+    for label, curves in rocs.items():
+        if list(curves) != classes:
+            raise ValueError(f"models[{label!r}] has classes {list(curves)}, expected {classes}")
+    n_rows = -(-len(classes) // columns)
+    n_cols = min(columns, len(classes))
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(3.6 * n_cols, 3.7 * n_rows), squeeze=False, layout="constrained"
+    )
+    for index, ax in enumerate(axes.flat):
+        if index >= len(classes):
+            ax.axis("off")
+            continue
+        name = classes[index]
+        ax.plot([0, 1], [0, 1], ls="--", lw=1, color="0.5", label="chance (0.50)")
+        for m, (label, curves) in enumerate(rocs.items()):
+            roc = curves[name]
+            if roc.fold_curves:
+                ax.plot(
+                    roc.fpr_grid,
+                    roc.mean_tpr,
+                    lw=1.8,
+                    color=_COLOURS[m % len(_COLOURS)],
+                    label=f"{label} ({roc.auc_mean:.2f})",
+                )
+        ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal")
+        ax.set_xlabel("False positive rate")
+        ax.set_ylabel("True positive rate")
+        ax.set_title(f"{name} vs rest")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7, title="AUC", title_fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_parameter_counts(counts: Mapping[str, int], path: str | Path, *, title: str) -> Path:
+    """Horizontal bars of parameter counts in millions (MHD-Net Fig. 7, right)."""
+    if not isinstance(counts, Mapping) or not counts:
+        raise ValueError(f"counts must be a non-empty mapping label -> parameters, got {counts!r}")
+    labels = list(counts)
+    millions = np.array([counts[label] for label in labels], dtype=float) / 1e6
+    fig, ax = plt.subplots(figsize=(6.4, 0.5 * len(labels) + 1.4), layout="constrained")
+    bars = ax.barh(labels, millions, color=_COLOURS[0])
+    ax.bar_label(bars, [f"{m:.3g} M" for m in millions], padding=3, fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("Parameters (millions)")
+    ax.set_xlim(0, 1.25 * millions.max())
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- confusion
 
 
@@ -263,12 +327,18 @@ def confusion_counts(predictions: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
 
 
 def plot_confusion(
-    predictions: pd.DataFrame, path: str | Path, *, title: str, normalise: bool = False
+    predictions: pd.DataFrame,
+    path: str | Path,
+    *,
+    title: str,
+    normalise: bool = False,
+    unit: str = "patients",
 ) -> Path:
     """Confusion matrix pooled over folds, counts in the cells.
 
     With ``normalise`` the colour is the row fraction (recall per true class) and each cell also
-    shows its row percentage. Writes the PNG at ``path``.
+    shows its row percentage. ``unit`` names what a row of ``predictions`` is (patients, CT
+    sequences ...). Writes the PNG at ``path``.
     """
     counts, classes = confusion_counts(predictions)
     row_totals = counts.sum(axis=1, keepdims=True)
@@ -280,7 +350,7 @@ def plot_confusion(
     vmax = 1.0 if normalise else max(int(counts.max()), 1)
     image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=vmax)
     cbar = fig.colorbar(image, ax=ax, shrink=0.8)
-    cbar.set_label("fraction of true class" if normalise else "patients")
+    cbar.set_label("fraction of true class" if normalise else unit)
     for i in range(k):
         for j in range(k):
             text = f"{counts[i, j]}"
@@ -294,7 +364,7 @@ def plot_confusion(
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
     n_folds = predictions["fold"].nunique()
-    ax.set_title(f"{title}\n({int(counts.sum())} patients, {n_folds} folds pooled)")
+    ax.set_title(f"{title}\n({int(counts.sum())} {unit}, {n_folds} folds pooled)")
     return _save(fig, path)
 
 

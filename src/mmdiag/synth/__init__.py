@@ -14,7 +14,16 @@ def write_configured_cohort(
     out: Path, settings: Mapping, cohort: Mapping, *, progress: bool = True
 ) -> None:
     """Write the cohort a config describes: CS-MIL's toy slides for ``generator: toy_mil``
-    (``cohort["toy"]``), else the multi-modal renal demo cohort (the ``synth`` section)."""
+    (``cohort["toy"]``), MHD-Net's thymic tumour cohort for ``generator: tet``
+    (``cohort["tet"]``), else the multi-modal renal demo cohort (the ``synth`` section)."""
+    if cohort.get("generator") == "tet":
+        from mmdiag.synth.tet import TetSettings, write_tet_cohort
+
+        tet = dict(cohort.get("tet") or {})
+        if "ct_shape_vox" in tet:
+            tet["ct_shape_vox"] = tuple(tet["ct_shape_vox"])
+        write_tet_cohort(out, TetSettings(**tet))
+        return
     if cohort.get("generator") == "toy_mil":
         from mmdiag.synth.toy_mil import write_toy_cohort
 

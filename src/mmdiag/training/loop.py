@@ -14,6 +14,7 @@ Methods plug in their model, data and collate function:
   ``(loss, logits)`` or ``(loss, logits, terms)``: ``logits`` are the rows of this process's
   batch (for the logged accuracy), ``terms`` a dict of named parts of the loss. A loss that
   accepts a ``class_weight`` keyword receives the settings' class weights.
+- Training samples with ``set_epoch(epoch)`` are told each epoch before it starts.
 - ``before_step(model, batch, terms)``, an argument of :func:`train_model`, runs after the
   backward pass of the total loss (after DDP's gradient average) and before the optimiser's
   step, e.g. to clip, project or coordinate gradients. When ``terms`` is not empty the graph
@@ -576,7 +577,14 @@ def _progress(context: DistContext) -> Progress:
 
 
 def _epoch_row(run: _Run, epoch: int, val_samples: Sequence, selection: _Selection) -> dict:
-    """Train one epoch, validate, and note whether the epoch is the best so far."""
+    """Train one epoch, validate, and note whether the epoch is the best so far.
+
+    Training samples with a ``set_epoch(epoch)`` method (e.g. a dataset that pairs anew each
+    epoch) are told the epoch first, so a resumed run sees the same epochs as an unbroken one.
+    """
+    set_epoch = getattr(run.samples, "set_epoch", None)
+    if set_epoch is not None:
+        set_epoch(epoch)
     row = {"epoch": epoch, "lr": run.optimiser.param_groups[0]["lr"], **_train_one_epoch(run)}
     if val_samples:
         row |= _validation_row(run.model, val_samples, run.collate, run.settings, run.context)
