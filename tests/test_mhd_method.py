@@ -390,3 +390,40 @@ def test_roc_comparison_and_parameter_bars_check_their_input(tmp_path):
     assert path.stat().st_size > 5000
     with pytest.raises(ValueError, match="non-empty"):
         figures.plot_parameter_counts({}, tmp_path / "p.png", title="t")
+
+
+def test_the_seed_experiment_config_trains_one_holdout_with_five_seeds():
+    config = load_config([*default_config_files(ROOT), ROOT / "config/experiments/mhd_seeds.yaml"])
+    settings = config["methods"]["mhd_seeds"]
+    scheme = config["splits"]["schemes"][settings["split"]]
+    assert (scheme["type"], scheme["n_seeds"]) == ("holdout", 5)
+    assert settings["network"] == config["methods"]["mhd"]["network"] | {
+        k: settings["network"][k] for k in ("student_widths", "backbone", "reduction", "decay")
+    }
+    assert settings["sequences"] == config["methods"]["mhd"]["sequences"]
+    assert list(config_problems("mhd_seeds", settings, config)) == []
+
+
+def test_a_fold_interrupted_after_an_epoch_resumes_to_the_same_files(cohort, trained, tmp_path):
+    """The teacher's run broken after epoch 1 continues from its saved state (the pairing of
+    epoch 2 included) and ends with the predictions of the unbroken run."""
+    import mmdiag.training.loop as loop
+
+    original = loop._epoch_row
+
+    def broken(run, epoch, *args):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+        return original(run, epoch, *args)
+
+    out = tmp_path / "teacher/fold_0"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "_epoch_row", broken)
+        with pytest.raises(KeyboardInterrupt):
+            _fold(cohort, "teacher", out)
+    assert not out.exists() and (tmp_path / "teacher/.fold_0.resume").is_dir()
+    _fold(cohort, "teacher", out)
+    expected = read_tsv(trained / "teacher/fold_0/predictions.tsv")
+    pd.testing.assert_frame_equal(read_tsv(out / "predictions.tsv"), expected)
+    log = read_tsv(out / "train_log.tsv")
+    assert list(log["epoch"]) == [1, 2]

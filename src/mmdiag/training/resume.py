@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmdiag.io import sha256_path
 from mmdiag.io.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,21 @@ def training_settings(method_settings: Mapping, variant: str) -> dict:
     :data:`NOT_TRAINING_KEYS` and with only that variant's entry (for a fingerprint)."""
     kept = {k: v for k, v in method_settings.items() if k not in NOT_TRAINING_KEYS}
     return kept | {"variants": {variant: method_settings["variants"][variant]}}
+
+
+def fold_resume_key(
+    method: str, variant: str, fold: int, method_settings: Mapping, inputs: Mapping[str, Path]
+) -> dict:
+    """What a fold trainer's saved state must match to be resumed: the fold, the settings that
+    change the variant's training and the checksums of its input files (the split file, a
+    teacher's checkpoint ...)."""
+    return {
+        "method": method,
+        "variant": variant,
+        "fold": fold,
+        "method_settings": training_settings(method_settings, variant),
+        "inputs": {name: sha256_path(path) for name, path in inputs.items()},
+    }
 
 
 def weights_digest(model: nn.Module) -> str:

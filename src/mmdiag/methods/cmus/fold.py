@@ -28,7 +28,7 @@ import torch
 
 from mmdiag.data.splits import load_fold, training_seed
 from mmdiag.evaluation.metrics import CLASSIFICATION_METRICS
-from mmdiag.io import read_tsv, sha256_path
+from mmdiag.io import read_tsv
 from mmdiag.methods.cmus.data import batch_collator, patient_loader, uses_crops
 from mmdiag.methods.cmus.settings import model_arguments, task_classes, train_settings_of
 from mmdiag.models import create_model
@@ -40,7 +40,7 @@ from mmdiag.training.fold_outputs import (
     write_fold_folder,
 )
 from mmdiag.training.loop import predict_proba, train_model
-from mmdiag.training.resume import clear_state, state_dir_beside, training_settings
+from mmdiag.training.resume import clear_state, fold_resume_key, state_dir_beside
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _train_and_write_fold(
         description=f"{method}/{variant}/fold {fold}",
         context=context,
         resume_dir=state_dir,
-        resume_key=_resume_key(method, variant, fold, method_settings, inputs),
+        resume_key=fold_resume_key(method, variant, fold, method_settings, inputs),
     )
     prob, _ = predict_proba(
         model,
@@ -186,18 +186,6 @@ def _train_and_write_fold(
         time.perf_counter() - started,
     )
     return metrics
-
-
-def _resume_key(method, variant, fold, method_settings, inputs) -> dict:
-    """What a saved training state must match to be resumed: the fold, its settings and the
-    checksums of its inputs (the split file's among them)."""
-    return {
-        "method": method,
-        "variant": variant,
-        "fold": fold,
-        "method_settings": training_settings(method_settings, variant),
-        "inputs": {name: sha256_path(path) for name, path in inputs.items()},
-    }
 
 
 def majority_vote(

@@ -35,7 +35,6 @@ import pandas as pd
 import torch
 
 from mmdiag.data.splits import load_fold, training_seed
-from mmdiag.io import sha256_path
 from mmdiag.methods.mhd.data import collate_tensors, fold_datasets, load_patients, sequence_ids
 from mmdiag.methods.mhd.settings import (
     build_model,
@@ -52,7 +51,7 @@ from mmdiag.training.fold_outputs import (
     write_fold_folder,
 )
 from mmdiag.training.loop import train_model
-from mmdiag.training.resume import clear_state, state_dir_beside, training_settings
+from mmdiag.training.resume import clear_state, fold_resume_key, state_dir_beside
 from mmdiag.training.stages import load_stage
 
 log = logging.getLogger(__name__)
@@ -60,6 +59,8 @@ log = logging.getLogger(__name__)
 #: What MHD-Net reports per CT sequence (Section IV-B): mAcc, macro Pre and Rec, the F1 of
 #: those two, and the quadratic weighted kappa of the ordinal types.
 METRICS = ("mAcc", "mPre", "mRec", "mF1", "QWK")
+#: Batch -> named type logits (a teacher's three branches and its prediction).
+Outputs = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 #: The parts of a fold whose patients' slides a kind of variant reads.
 WSI_PARTS = {"teacher": ("train", "val", "test"), "student": ("train",), "ct_resnet": ()}
 
@@ -100,11 +101,9 @@ def run_mhd_fold(
         raise ValueError(f"{splits_path}: fold {fold} has no tumour CT sequence to test")
 
     torch.manual_seed(settings.seed)
-    model = build_model(method_settings, variant, len(classes))
+    model = _fold_model(method_settings, variant, len(classes), teacher_checkpoint)
     inputs = {"manifest": manifest_path, "splits": splits_path}
-    if kind == "student":
-        load_stage(model.teacher, teacher_checkpoint, prefix="teacher.")
-        load_stage(model.memory, teacher_checkpoint, prefix="memory.")
+    if teacher_checkpoint is not None:
         inputs["teacher"] = teacher_checkpoint
     state_dir = state_dir_beside(out_dir)
     history = train_model(
@@ -115,11 +114,11 @@ def run_mhd_fold(
         val_samples=datasets["val"],
         description=f"{method}/{variant}/fold {fold}",
         resume_dir=state_dir,
-        resume_key=_resume_key(method, variant, fold, method_settings, inputs),
+        resume_key=fold_resume_key(method, variant, fold, method_settings, inputs),
     )
     device = resolve_device(settings.device)
-    test = datasets["test"]
     evaluated = (model.deploy() if kind == "student" else model).to(device).eval()
+    test = datasets["test"]
     outputs = predict_types(
         _output_function(kind, evaluated), test, len(classes), settings.batch_size, device
     )
@@ -162,7 +161,16 @@ def run_mhd_fold(
     return metrics
 
 
-Outputs = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+def _fold_model(
+    method_settings: Mapping, variant: str, n_types: int, teacher_checkpoint: Path | None
+) -> torch.nn.Module:
+    """The variant's network; a student's teacher and memory loaded from the teacher's fold
+    checkpoint (every tensor must fit) and frozen."""
+    model = build_model(method_settings, variant, n_types)
+    if method_settings["variants"][variant]["model"] == "student":
+        load_stage(model.teacher, teacher_checkpoint, prefix="teacher.")
+        load_stage(model.memory, teacher_checkpoint, prefix="memory.")
+    return model
 
 
 def _output_function(kind: str, model: torch.nn.Module) -> Outputs:
@@ -237,15 +245,3 @@ def _case_counts(datasets: Mapping) -> dict[str, int]:
         f"{part}_patients": len({s.patient_id for s in ds.samples}) for part, ds in datasets.items()
     }
     return counts | patients
-
-
-def _resume_key(method, variant, fold, method_settings, inputs) -> dict:
-    """What a saved training state must match to be resumed: the fold, its settings and the
-    checksums of its inputs (a student's teacher checkpoint among them)."""
-    return {
-        "method": method,
-        "variant": variant,
-        "fold": fold,
-        "method_settings": training_settings(method_settings, variant),
-        "inputs": {name: sha256_path(path) for name, path in inputs.items()},
-    }

@@ -22,8 +22,8 @@ from mmdiag.models.mhd import (
 )
 from mmdiag.training.loop import TrainSettings
 
-KINDS = ("teacher", "student", "ct_resnet")
-#: Network settings each kind takes (the rest of ``network`` is another kind's).
+#: The ``network`` settings a teacher takes (a student takes its teacher's, and the student
+#: widths; the CT baseline the student widths).
 _TEACHER_KEYS = ("widths", "backbone", "kernel_sizes", "gate_kernel", "reduction", "capacities")
 _TEACHER_KEYS += ("decay", "memory_temperature")
 
@@ -43,7 +43,7 @@ def type_classes(method_settings: Mapping, manifest_rules: Mapping) -> list[str]
 def task_column(method_settings: Mapping, manifest_rules: Mapping) -> str:
     """The manifest column holding the type (the task's ``column``, else its name)."""
     task = method_settings["task"]
-    return (manifest_rules["tasks"][task].get("column")) or task
+    return manifest_rules["tasks"][task].get("column") or task
 
 
 def n_outputs(method_settings: Mapping, n_types: int) -> int:
