@@ -6,6 +6,8 @@ import copy
 from functools import cache
 from pathlib import Path
 
+import pandas as pd
+
 from mmdiag.cli_support import default_config_files
 from mmdiag.config import load_config
 
@@ -24,3 +26,22 @@ def patching_settings(**changes) -> dict:
     if unknown:
         raise KeyError(f"not patching settings: {sorted(unknown)}")
     return settings | changes
+
+
+def slide_manifest_row(image_id: str, path: Path, mpp: float) -> dict:
+    """A manifest row of one WSI for tests that patch slides without building a manifest
+    (checksum and size left empty; ``mpp`` NaN reads the slide's own)."""
+    return {
+        "patient_id": image_id,
+        "modality": "wsi",
+        "image_id": image_id,
+        "path": str(path),
+        "sha256": "",
+        "width_px": 0,
+        "height_px": 0,
+        "disease": "none",
+        "mn_stage": "",
+        "survival_months": float("nan"),
+        "event": pd.NA,
+        "mpp": mpp,
+    }

@@ -76,6 +76,7 @@ def test_a_student_is_built_around_its_teachers_network():
         (lambda v, s: s["network"].update(widths=[8, 8, 32, 64]), "c_s \\* t_s must be equal"),
         (lambda v, s: s["figures"]["roc"].update(rows=["mhd_net"]), "figures.roc.rows"),
         (lambda v, s: s["figures"].update(confusion=["nosuch"]), "figures.confusion"),
+        (lambda v, s: s.update(lesions="table"), "lesion_table: lesions: table needs"),
     ],
 )
 def test_config_problems_name_the_key(change, message):

@@ -35,7 +35,7 @@ from mmdiag.patching import slide as slide_module
 from mmdiag.patching.pipeline import patch_slide
 from mmdiag.patching.slide import Slide, SlideReadError
 from mmdiag.synth.wsi import write_single_level_tiff
-from tests.patching_settings import patching_settings
+from tests.patching_settings import patching_settings, slide_manifest_row
 
 psutil = pytest.importorskip("psutil")
 
@@ -54,20 +54,7 @@ def _real(path: Path) -> Path:
 
 
 def write_one_slide_manifest(folder: Path, slide: Path, image_id: str, mpp: float) -> Path:
-    row = {
-        "patient_id": image_id,
-        "modality": "wsi",
-        "image_id": image_id,
-        "path": str(slide),
-        "sha256": "",
-        "width_px": 0,
-        "height_px": 0,
-        "disease": "none",
-        "mn_stage": "",
-        "survival_months": float("nan"),
-        "event": pd.NA,
-        "mpp": mpp,
-    }
+    row = slide_manifest_row(image_id, slide, mpp)
     return write_manifest(pd.DataFrame([row])[list(MANIFEST_COLUMNS)], folder / "manifest.tsv")
 
 

@@ -22,7 +22,7 @@ from mmdiag.data.manifest import MANIFEST_COLUMNS, write_manifest
 from mmdiag.patching import engine
 from mmdiag.patching.pipeline import patch_manifest_slide, patch_slide
 from mmdiag.patching.store import open_patch_store
-from tests.patching_settings import patching_settings
+from tests.patching_settings import patching_settings, slide_manifest_row
 
 openslide = pytest.importorskip("openslide")
 
@@ -71,22 +71,7 @@ def ome_stores(tmp_path_factory) -> dict[str, object]:
     rows = []
     for name in OME_MPP:
         path = _real(REAL_WSI / name)
-        rows.append(
-            {
-                "patient_id": name.split(".")[0],
-                "modality": "wsi",
-                "image_id": name.split(".")[0],
-                "path": str(path),
-                "sha256": "",
-                "width_px": 0,
-                "height_px": 0,
-                "disease": "none",
-                "mn_stage": "",
-                "survival_months": float("nan"),
-                "event": pd.NA,
-                "mpp": float("nan"),
-            }
-        )
+        rows.append(slide_manifest_row(name.split(".")[0], path, float("nan")))
     manifest = write_manifest(pd.DataFrame(rows)[list(MANIFEST_COLUMNS)], root / "manifest.tsv")
     stores = {}
     for row in rows:

@@ -65,6 +65,24 @@ def _run(command, cwd, timeout=600):
     )
 
 
+def run_tiny_dag(workdir: Path, tiny_config: dict, targets, timeout: int = 600) -> list[str]:
+    """Run Snakemake (2 cores) on ``targets`` in a workflow copy with ``tiny_config`` as
+    ``tiny.yaml``; fail with the logs' tail unless it succeeds; return the command."""
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny_config))
+    command = [
+        str(BIN / "snakemake"),
+        "--cores",
+        "2",
+        "--configfile",
+        "tiny.yaml",
+        "--show-failed-logs",
+        *targets,
+    ]
+    result = _run(command, workdir, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
+    return command
+
+
 def test_snakemake_lint_is_clean():
     result = _run([str(BIN / "snakemake"), "--lint"], ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -156,25 +174,13 @@ def tiny_run(tmp_path_factory):
     methods = yaml.safe_load(method_file.read_text())
     methods["methods"]["cmus"] |= {"variants": TINY_VARIANTS, "tables": TINY_TABLES}
     method_file.write_text(yaml.safe_dump(methods, sort_keys=False))
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     targets = [
         "results/cmus/fold_all.tsv",
         "results/cmus/tables",
         "results/cmus/figures",
         "results/demo/patches/index.tsv",
     ]
-    command = [
-        str(BIN / "snakemake"),
-        "--cores",
-        "2",
-        "--configfile",
-        "tiny.yaml",
-        "--show-failed-logs",
-        *targets,
-    ]
-    result = _run(command, workdir)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    return workdir, command
+    return workdir, run_tiny_dag(workdir, TINY_CONFIG, targets)
 
 
 @pytest.mark.integration

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from mmdiag.features.store import open_feature_store
-from tests.test_workflow import BIN, _run, copy_workflow
+from tests.test_workflow import _run, copy_workflow, run_tiny_dag
 
 TOY = {"n_slides": 10, "n_sites": 4}
 TINY_CONFIG = {
@@ -55,24 +55,12 @@ def csmil_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("csmil_workflow")
     copy_workflow(workdir)
     _tiny_methods(workdir / "config/methods/csmil.yaml")
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_CONFIG))
     targets = [
         "results/csmil_micro/tables",
         "results/csmil_micro/figures",
         "results/csmil_toy/table5.md",
     ]
-    command = [
-        str(BIN / "snakemake"),
-        "--cores",
-        "2",
-        "--configfile",
-        "tiny.yaml",
-        "--show-failed-logs",
-        *targets,
-    ]
-    result = _run(command, workdir, timeout=900)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    return workdir, command
+    return workdir, run_tiny_dag(workdir, TINY_CONFIG, targets, timeout=900)
 
 
 @pytest.mark.integration

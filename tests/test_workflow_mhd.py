@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.test_workflow import BIN, _run, copy_workflow
+from tests.test_workflow import _run, copy_workflow, run_tiny_dag
 
 TINY = {
     "cohorts": {"tet_demo": {"tet": {"n_patients": 16, "slides_per_patient": 1}}},
@@ -40,19 +40,7 @@ def mhd_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mhd_workflow")
     copy_workflow(workdir)
     _tiny_method(workdir / "config/methods/mhd.yaml")
-    (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    command = [
-        str(BIN / "snakemake"),
-        "--cores",
-        "2",
-        "--configfile",
-        "tiny.yaml",
-        "--show-failed-logs",
-        *TARGETS,
-    ]
-    result = _run(command, workdir, timeout=900)
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
-    return workdir, command
+    return workdir, run_tiny_dag(workdir, TINY, TARGETS, timeout=900)
 
 
 @pytest.mark.integration

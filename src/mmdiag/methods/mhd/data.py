@@ -73,8 +73,6 @@ def load_patients(
 ) -> list[PatientImages]:
     """The method's patients from its cohort's manifest and patch stores."""
     table = method_settings["lesion_table"]
-    if method_settings["lesions"] == "table" and not table:
-        raise ValueError("lesions: table needs lesion_table (patient_id, z_start, z_stop)")
     return manifest_patients(
         read_manifest(manifest_path),
         Path(patches_dir),

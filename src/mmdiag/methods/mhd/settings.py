@@ -105,6 +105,11 @@ def config_problems(method: str, settings: Mapping, config: Mapping) -> Iterable
         if spec["model"] != "student" and spec.get("teacher"):
             yield f"{where}.{name}.teacher: only a student variant distils a teacher"
         yield from _option_problems(f"{where}.{name}.options", spec)
+    if settings["lesions"] == "table" and not settings["lesion_table"]:
+        yield (
+            f"methods.{method}.lesion_table: lesions: table needs a lesion table "
+            "(patient_id, z_start, z_stop)"
+        )
     yield from _figure_problems(method, settings)
     network = settings["network"]
     for name, spec in variants.items():
