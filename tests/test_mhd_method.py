@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from mmdiag.cli_support import default_config_files
 from mmdiag.config import cohort_manifest_rules, load_config, validate_config
-from mmdiag.data import ManifestRules, build_manifest
 from mmdiag.data.manifest import read_manifest, write_manifest
 from mmdiag.data.splits import make_splits, write_splits
 from mmdiag.io import read_tsv
@@ -26,11 +25,10 @@ from mmdiag.methods.mhd.settings import build_model, config_problems, model_argu
 from mmdiag.models.mhd import MHDTeacher, mhd_student, read_memory, tiny_example
 from mmdiag.models.shfm import ConcatFusion
 from mmdiag.models.type_memory import TypeMemory
-from mmdiag.patching.pipeline import patch_slide
 from mmdiag.reporting import figures
-from mmdiag.synth.tet import WHO_TYPES, TetSettings, write_tet_cohort
+from mmdiag.synth.tet import WHO_TYPES, TetSettings
 from mmdiag.training.loop import TrainSettings, train_model
-from tests.patching_settings import patching_settings
+from tests.tet_cohort import write_patched_tet_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,21 +165,9 @@ def cohort(tmp_path_factory):
     """16 patients (two per type), one patched SVS each, a stratified 50:50 holdout."""
     root = tmp_path_factory.mktemp("mhd_cohort")
     settings = TetSettings(n_patients=16, seed=3, ct_shape_vox=(48, 48, 40), slides_per_patient=1)
-    write_tet_cohort(root / "raw", settings)
     config = _config()
     rules = cohort_manifest_rules(config, "tet_demo")
-    manifest = build_manifest(cohort_root=root / "raw", rules=ManifestRules.from_config(rules))
-    write_manifest(manifest, root / "manifest.tsv")
-    for row in manifest[manifest["modality"] == "WSI"].itertuples():
-        name = Path(row.image_id)
-        patch_slide(
-            Path(row.path),
-            patching_settings(workers=1),
-            store_path=root / "patches" / f"{row.image_id}.zarr",
-            mask_path=root / "masks" / name.with_suffix(".png"),
-            qc_path=root / "qc" / name.with_suffix(".png"),
-            progress=False,
-        )
+    manifest = write_patched_tet_cohort(root, settings, rules)
     scheme = {"type": "holdout", "fractions": [0.5, 0.0, 0.5], "label": "who_type"}
     write_splits(make_splits(manifest, "h", scheme, seed=1), root / "splits.json")
     return root, rules
@@ -264,32 +250,77 @@ def test_the_students_checkpoint_is_the_deployed_model_with_the_teachers_memory(
 
 def test_test_labels_and_test_slides_never_reach_the_student(cohort, trained, tmp_path):
     """Permuted test labels and deleted test slides and patch stores: the same predictions."""
+    manifest, patches = _blinded_inputs(cohort, tmp_path)
+    labels = read_manifest(manifest)["who_type"]
+    assert (labels != read_manifest(cohort[0] / "manifest.tsv")["who_type"]).any()
+    teacher = trained / "teacher/fold_0/model.safetensors"
+    _fold(cohort, "mhd_net", tmp_path / "out", manifest=manifest, patches=patches, teacher=teacher)
+    columns = [f"prob_{t}" for t in WHO_TYPES]
+    expected = read_tsv(trained / "mhd_net/fold_0/predictions.tsv")
+    got = read_tsv(tmp_path / "out/predictions.tsv")
+    np.testing.assert_array_equal(got[columns].to_numpy(), expected[columns].to_numpy())
+    assert (got["sequence"] == expected["sequence"]).all()
+
+
+#: The comparison methods as variants (:mod:`mmdiag.models.mhd_baselines`).
+BASELINES = {
+    "mmformer": {"model": "mmformer", "options": {"num_heads": 2}},
+    "moddrop": {"model": "moddrop", "options": {}},
+    "sckd": {"model": "sckd", "teacher": "teacher", "options": {}},
+    "pcct": {"model": "pcct", "options": {}},
+}
+
+
+def _blinded_inputs(cohort, folder: Path) -> tuple[Path, Path]:
+    """A copy of the cohort's manifest with the test patients' types rolled and a copy of its
+    patch stores without the test patients' slides."""
     root, _ = cohort
     split = pd.read_json(root / "splits.json", typ="series")["folds"][0]
     manifest = read_manifest(root / "manifest.tsv")
     test = manifest["patient_id"].isin(split["test"])
     shuffled = manifest.copy()
     shuffled.loc[test, "who_type"] = np.roll(shuffled.loc[test, "who_type"].to_numpy(), 3)
-    assert (shuffled["who_type"] != manifest["who_type"]).any()
-    write_manifest(shuffled, tmp_path / "manifest.tsv")
-    patches = tmp_path / "patches"
+    write_manifest(shuffled, folder / "manifest.tsv")
+    patches = folder / "patches"
     shutil.copytree(root / "patches", patches)
     for row in manifest[test & (manifest["modality"] == "WSI")].itertuples():
         shutil.rmtree(patches / f"{row.image_id}.zarr")
-    teacher = trained / "teacher/fold_0/model.safetensors"
+    return folder / "manifest.tsv", patches
+
+
+@pytest.mark.parametrize("variant", sorted(BASELINES))
+def test_comparison_methods_train_on_a_fold_and_predict_from_ct_alone(
+    cohort, trained, tmp_path, variant
+):
+    """Each comparison method writes one prediction per test sequence; with the test labels
+    permuted and the test slides deleted its predictions are the same."""
+    settings = _method(epochs=1)
+    settings["variants"] = settings["variants"] | BASELINES
+    teacher = trained / "teacher/fold_0/model.safetensors" if variant == "sckd" else None
+    metrics = _fold(cohort, variant, tmp_path / "plain", settings=settings, teacher=teacher)
+    assert set(metrics) == set(METRICS)
+    manifest, patches = _blinded_inputs(cohort, tmp_path)
     _fold(
         cohort,
-        "mhd_net",
-        tmp_path / "out",
-        manifest=tmp_path / "manifest.tsv",
+        variant,
+        tmp_path / "blind",
+        manifest=manifest,
         patches=patches,
+        settings=settings,
         teacher=teacher,
     )
     columns = [f"prob_{t}" for t in WHO_TYPES]
-    expected = read_tsv(trained / "mhd_net/fold_0/predictions.tsv")
-    got = read_tsv(tmp_path / "out/predictions.tsv")
+    expected = read_tsv(tmp_path / "plain/predictions.tsv")
+    got = read_tsv(tmp_path / "blind/predictions.tsv")
+    assert list(expected["sequence"]) == list(
+        read_tsv(trained / "mhd_net/fold_0/predictions.tsv")["sequence"]
+    )
     np.testing.assert_array_equal(got[columns].to_numpy(), expected[columns].to_numpy())
-    assert (got["sequence"] == expected["sequence"]).all()
+    if variant == "sckd":  # its checkpoint is the CT student alone
+        assert {k.split(".")[0] for k in load_file(tmp_path / "plain/model.safetensors")} == {
+            "backbone",
+            "head",
+        }
 
 
 def test_evaluating_the_deployed_student_changes_no_byte_of_its_memory(cohort, trained):

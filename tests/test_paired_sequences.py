@@ -24,7 +24,8 @@ from mmdiag.patching.store import write_patch_store
 from mmdiag.synth.tet import WHO_TYPES, TetSettings, write_tet_cohort
 from mmdiag.volumes import read_volume, sequence_bounds
 
-SETTINGS = SequenceSettings(depth=8, size=32)
+# Raw WSI pixels, so that the tests can read them back as the store wrote them.
+SETTINGS = SequenceSettings(depth=8, size=32, wsi_standardise=False)
 K = len(WHO_TYPES)
 PATCH_PX = 16
 # Slide 1 has 4 x 5 patches (two full sequences of 8), slide 2 five (one, last repeated).
@@ -137,7 +138,7 @@ def test_pairs_share_the_patient_and_test_samples_have_no_wsi(cohort):
         assert "wsi" not in item and bool(item["tumour"])
         assert int(item["label"]) == WHO_TYPES.index(patients[item["patient_id"]].label)
 
-    no_other = SequenceSettings(depth=8, size=32, keep_other=False)
+    no_other = SequenceSettings(depth=8, size=32, keep_other=False, wsi_standardise=False)
     datasets = build_paired_datasets(list(patients.values()), fold, WHO_TYPES, no_other)
     assert all(s.tumour and s.class_index < K for s in datasets["train"].samples)
 
@@ -166,6 +167,34 @@ def test_intensity_statistics_come_from_training_patients_only(cohort):
     # HU window: voxels lie in [0, 1] before standardisation, air at 0.
     volume = read_volume(patients[0].ct_path)
     assert volume.voxels.min() < -200 and sample.voxels.min() == 0.0 and sample.voxels.max() <= 1.0
+
+
+def test_wsi_channel_statistics_come_from_training_patients_only(cohort):
+    _, _, fold = cohort
+    patients = _patients(cohort)
+    numbers = {pid: n + 1 for n, pid in enumerate(sorted(p.patient_id for p in patients))}
+    train_numbers = np.array([numbers[pid] for pid in fold["train"]], np.float64)
+    # Two sequences per patient: slide 1's two blocks (ranks 0-15), never slide 2 (channel 1).
+    expected_mean = (20 * train_numbers.mean() / 255, 50 / 255, 7.5 / 255)
+    expected_std = (20 * train_numbers.std() / 255, 1e-6, np.arange(16).std() / 255)
+    standardised = SequenceSettings(depth=8, size=32, wsi_fit_sequences=2)
+    datasets = build_paired_datasets(
+        patients, fold, WHO_TYPES, standardised, wsi_parts=("train", "test")
+    )
+    colours = datasets["train"].colours
+    assert datasets["test"].colours == colours
+    np.testing.assert_allclose(colours.mean, expected_mean, rtol=1e-6)
+    np.testing.assert_allclose(colours.std, expected_std, rtol=1e-5)
+    item = datasets["test"][0]  # a test patient's slide, standardised by training statistics
+    raw = 20 * numbers[item["patient_id"]] / 255
+    expected = (raw - expected_mean[0]) / expected_std[0]
+    assert torch.allclose(item["wsi"][0], torch.full((8, 32, 32), expected, dtype=torch.float32))
+    # A third sequence per patient brings in slide 2; without WSI no statistic is fitted.
+    three = SequenceSettings(depth=8, size=32, wsi_fit_sequences=3)
+    mean = build_paired_datasets(patients, fold, WHO_TYPES, three)["train"].colours.mean
+    assert mean[1] == pytest.approx((2 * 50 + 100) / 3 / 255)
+    ct_only = build_paired_datasets(patients, fold, WHO_TYPES, standardised, wsi_parts=())
+    assert ct_only["train"].colours is None and "wsi" not in ct_only["train"][0]
 
 
 def test_pairing_is_deterministic_per_seed_and_epoch(cohort):

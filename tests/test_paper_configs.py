@@ -303,6 +303,8 @@ def test_mhd_paper_states_the_sequences_network_and_training(mhd_paper):
         "hu_width": 500,
         "patch_scale": None,
         "keep_other": True,
+        "wsi_standardise": True,
+        "wsi_fit_sequences": 2,
     }
     network = mhd_paper["network"]
     assert network["widths"] == [64, 128, 256, 512] and network["kernel_sizes"] == [7, 7, 7]
@@ -339,3 +341,28 @@ def test_mhd_paper_rows_change_only_what_their_row_names(mhd_paper):
     # every table row and figure variant is configured
     names = set(mhd_paper["variants"])
     assert all(set(t["rows"]) <= names for t in mhd_paper["tables"].values())
+
+
+def test_mhd_paper_comparison_rows_are_built_as_the_tables_name_them(mhd_paper):
+    from mmdiag.methods.mhd.settings import model_arguments
+    from mmdiag.models.mhd_baselines import stage4_size
+
+    tables = mhd_paper["tables"]
+    assert tables["table3"]["rows"] == ["ct_resnet18", "moddrop", "mmformer", "sckd", "mhd_net"]
+    assert tables["table4"]["rows"] == ["ct_resnet18", "pcct", "mhd_net", "teacher"]
+    kinds = {v: mhd_paper["variants"][v]["model"] for v in ("mmformer", "moddrop", "sckd", "pcct")}
+    assert kinds == {v: v for v in kinds}
+    # SCKD distils the same teacher as MHD-Net's student, whose whole network it is built on
+    assert mhd_paper["variants"]["sckd"]["teacher"] == mhd_paper["variants"]["mhd_net"]["teacher"]
+    teacher = model_arguments(mhd_paper, "teacher", 8)
+    sckd = model_arguments(mhd_paper, "sckd", 8)
+    assert {k: sckd[k] for k in teacher} == teacher
+    # mmFormer's tokens: the 2 x 7 x 7 stage-4 map of a 24 x 224² sequence per modality
+    mmformer = model_arguments(mhd_paper, "mmformer", 8)
+    assert (mmformer["frames"], mmformer["size"], mmformer["widths"]) == (
+        24,
+        224,
+        [64, 128, 256, 512],
+    )
+    assert stage4_size(24, 224) == (2, 7) and mmformer["num_heads"] == 8
+    assert model_arguments(mhd_paper, "pcct", 8)["widths"] == [64, 128, 256, 512]

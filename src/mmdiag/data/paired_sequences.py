@@ -27,7 +27,14 @@ Choices made here, each configurable through :class:`SequenceSettings`:
   (:func:`~mmdiag.patching.tiling.ordered_sequence`). This follows "divide each WSI into
   uniform WSI sequences" (neighbouring patches stay together, every patch is used once);
   :func:`~mmdiag.patching.tiling.sample_fixed` would mix patches from all over the slide.
-  Patches are resized to the CT's in-plane size and scaled to ``[0, 1]`` (nothing fitted).
+  Patches are resized to the CT's in-plane size and scaled to ``[0, 1]``.
+- **WSI intensities** (the paper gives none): with ``wsi_standardise`` (default), each colour
+  channel is standardised by a mean and standard deviation fitted on the training patients'
+  patches only (:class:`ChannelStandardiser`: up to ``wsi_fit_sequences`` sequences per
+  training patient, the first in reading order), as the CT is. Unstandardised, H&E patches on
+  ``[0, 1]`` differ between types by a few hundredths of a channel's range while their mean
+  (about 0.7) dominates the first convolution, and the pathology branch learns the type far
+  less reliably on the planted-signal cohort (:mod:`mmdiag.synth.tet`).
 - **Pairing**: every CT sequence with a WSI sequence of *the same patient* (the authors' code
   pairs a random case of the same class instead), drawn from
   ``numpy.random.default_rng([seed, epoch, crc32(patient_id)])``: a per-patient permutation of
@@ -59,6 +66,7 @@ from mmdiag.patching.tiling import ordered_sequence
 from mmdiag.volumes import TUMOUR, cut_sequences, hu_window, read_volume, resize_array
 
 __all__ = [
+    "ChannelStandardiser",
     "CtSample",
     "PairedSequenceDataset",
     "PatientImages",
@@ -99,6 +107,9 @@ class SequenceSettings:
         Patch-store scale read for WSI patches (``"20x"``...); ``None``: the finest with pixels.
     keep_other
         Keep "other" (tumour-free) CT sequences in training, with class index ``K``.
+    wsi_standardise, wsi_fit_sequences
+        Standardise WSI channels with statistics of the training patients' patches, read from
+        at most ``wsi_fit_sequences`` sequences per training patient.
     """
 
     depth: int = 24
@@ -110,6 +121,8 @@ class SequenceSettings:
     hu_width: float = 500.0
     patch_scale: str | None = None
     keep_other: bool = True
+    wsi_standardise: bool = True
+    wsi_fit_sequences: int = 2
 
     def __post_init__(self) -> None:
         """Reject sizes no sequence can have, naming the setting."""
@@ -118,6 +131,10 @@ class SequenceSettings:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.hu_width > 0:
             raise ValueError(f"hu_width must be positive, got {self.hu_width!r}")
+        if int(self.wsi_fit_sequences) != self.wsi_fit_sequences or self.wsi_fit_sequences < 1:
+            raise ValueError(
+                f"wsi_fit_sequences must be a positive integer, got {self.wsi_fit_sequences!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,46 @@ class Standardiser:
 
     def __call__(self, voxels: np.ndarray) -> np.ndarray:
         return ((voxels - self.mean) / self.std).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ChannelStandardiser:
+    """``(x - mean[c]) / std[c]`` per colour channel ``c`` of a ``(3, T, H, W)`` WSI sequence,
+    with statistics fitted on training patients' patches only."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def fit(
+        cls,
+        sequences: Mapping[str, Sequence[WsiSequence]],
+        size: int,
+        *,
+        per_patient: int = 2,
+        eps: float = 1e-6,
+    ) -> ChannelStandardiser:
+        """Channel means and standard deviations over the first ``per_patient`` sequences of
+        every patient of ``sequences`` (the training patients'), read at ``size``."""
+        chosen = [s for pid in sorted(sequences) for s in sequences[pid][:per_patient]]
+        if not chosen:
+            raise ValueError("cannot fit WSI channel statistics on no training sequence")
+        total = np.zeros(3, np.float64)
+        squares = np.zeros(3, np.float64)
+        count = 0
+        for sequence in chosen:
+            flat = read_wsi_sequence(sequence, size).reshape(3, -1).astype(np.float64)
+            total += flat.sum(axis=1)
+            squares += (flat**2).sum(axis=1)
+            count += flat.shape[1]
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+        return cls(mean=tuple(mean.tolist()), std=tuple(np.maximum(std, eps).tolist()))
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        mean = np.asarray(self.mean, np.float32).reshape(3, 1, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(3, 1, 1, 1)
+        return ((pixels - mean) / std).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- reading inputs
@@ -376,7 +433,8 @@ class PairedSequenceDataset(Dataset):
 
     ``set_epoch`` re-pairs deterministically (:func:`pair_sequences`). Items are dicts of
     ``ct`` ``(1, T, H, W)``, ``wsi`` ``(3, T, H, W)`` (only with WSI), ``label``, ``tumour``,
-    ``patient_id``, ``start`` (and ``wsi_store``, ``wsi_rows`` for tracing).
+    ``patient_id``, ``start`` (and ``wsi_store``, ``wsi_rows`` for tracing). ``colours``, when
+    given, standardises the WSI channels (fitted on the training patients).
     """
 
     def __init__(
@@ -385,11 +443,12 @@ class PairedSequenceDataset(Dataset):
         standardiser: Standardiser,
         *,
         wsi: Mapping[str, Sequence[WsiSequence]] | None = None,
+        colours: ChannelStandardiser | None = None,
         seed: int = 0,
         epoch: int = 0,
     ) -> None:
         self.samples = list(samples)
-        self.standardiser, self.seed = standardiser, int(seed)
+        self.standardiser, self.colours, self.seed = standardiser, colours, int(seed)
         self.wsi = None if wsi is None else {pid: list(seqs) for pid, seqs in wsi.items()}
         if self.wsi is not None:
             stores = sorted({str(s.store) for seqs in self.wsi.values() for s in seqs})
@@ -428,7 +487,8 @@ class PairedSequenceDataset(Dataset):
         if sequence is not None:
             store = self._handles[self._store_index[str(sequence.store)]]
             size = sample.voxels.shape[-1]
-            item["wsi"] = torch.from_numpy(read_wsi_sequence(sequence, size, store))
+            pixels = read_wsi_sequence(sequence, size, store)
+            item["wsi"] = torch.from_numpy(self.colours(pixels) if self.colours else pixels)
             item["wsi_store"], item["wsi_rows"] = str(sequence.store), sequence.rows.tolist()
         return item
 
@@ -455,7 +515,8 @@ def build_paired_datasets(
 ) -> dict[str, PairedSequenceDataset]:
     """Train, val and test datasets of a patient-level ``fold``.
 
-    Intensity statistics are fitted on the training part only. "Other" sequences stay in
+    Intensity statistics (CT, and the WSI channels with ``settings.wsi_standardise``) are
+    fitted on the training part only. "Other" sequences stay in
     ``train`` when ``settings.keep_other`` and are dropped elsewhere. Parts in ``wsi_parts``
     (default training only) carry paired WSI; the others are CT only, as at test time.
     """
@@ -473,14 +534,30 @@ def build_paired_datasets(
     }
     standardiser = Standardiser.fit(parts["train"])
     by_id = {patient.patient_id: patient for patient in chosen}
-    datasets = {}
-    for part, found in parts.items():
-        wsi = None
-        if part in wsi_parts:
-            pids = sorted({s.patient_id for s in found})
-            wsi = {pid: patient_wsi_sequences(by_id[pid], settings) for pid in pids}
-        datasets[part] = PairedSequenceDataset(found, standardiser, wsi=wsi, seed=seed)
-    return datasets
+    wsi = {
+        part: {pid: patient_wsi_sequences(by_id[pid], settings) for pid in _patients_of(found)}
+        for part, found in parts.items()
+        if part in wsi_parts
+    }
+    colours = None
+    if settings.wsi_standardise and wsi:
+        train_patients = {pid: by_id[pid] for pid in _patients_of(parts["train"])}
+        train_wsi = wsi.get("train") or {
+            pid: patient_wsi_sequences(p, settings) for pid, p in train_patients.items()
+        }
+        colours = ChannelStandardiser.fit(
+            train_wsi, settings.size, per_patient=settings.wsi_fit_sequences
+        )
+    return {
+        part: PairedSequenceDataset(
+            found, standardiser, wsi=wsi.get(part), colours=colours, seed=seed
+        )
+        for part, found in parts.items()
+    }
+
+
+def _patients_of(samples: Sequence[CtSample]) -> list[str]:
+    return sorted({s.patient_id for s in samples})
 
 
 def _split_samples(

@@ -1,5 +1,5 @@
-"""``mmdiag mhd ...``: MHD-Net's stages (per-fold training of teachers, students and the CT
-baseline; figures).
+"""``mmdiag mhd ...``: MHD-Net's stages (per-fold training of teachers, students, the CT
+baseline and the comparison methods; figures).
 
 ``--method`` names a configured method of the family (``mhd`` ...).
 """
@@ -28,6 +28,7 @@ from mmdiag.cli_support import (
     set_torch_threads,
     variant_settings,
 )
+from mmdiag.methods.mhd.kinds import TEACHER_READERS
 
 FAMILY = "mhd"
 app = typer.Typer(
@@ -62,7 +63,9 @@ def train(
     method: Method = FAMILY,
     teacher: Annotated[
         Path | None,
-        typer.Option(help="A student's teacher: that variant's model.safetensors, same fold."),
+        typer.Option(
+            help="A student's (or sckd's) teacher: that variant's model.safetensors, same fold."
+        ),
     ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 0,
     config: ConfigFiles = None,
@@ -74,8 +77,8 @@ def train(
     settings = load_settings(config, settings_json)
     chosen, spec = variant_settings(settings, method, variant, FAMILY)
     set_torch_threads(threads or chosen["train"].get("num_threads", 0))
-    if spec["model"] == "student" and teacher is None:
-        fail(f"variant {variant!r} is a student of {spec['teacher']!r}: give --teacher")
+    if spec["model"] in TEACHER_READERS and teacher is None:
+        fail(f"variant {variant!r} is a {spec['model']} of {spec['teacher']!r}: give --teacher")
     run_mhd_fold(
         manifest_path=manifest_path,
         splits_path=splits_path,

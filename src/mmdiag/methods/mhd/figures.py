@@ -8,8 +8,8 @@
 - Fig. 7 left (``sweeps``): mAcc against a loss weight, one series per swept weight.
 - Fig. 7 right (``parameters``): parameter counts of variants' networks: a teacher's three
   branches with SHFMs (not the memory, which is a buffer), a student's ResNet-18 with its SHFMs
-  (the deployed model also runs the teacher's ``B_R``, counted in its own bar when listed), a
-  CT ResNet whole.
+  (the deployed model also runs the teacher's ``B_R``, counted in its own bar when listed), an
+  SCKD variant's CT student, and any other CT network (a CT ResNet, a comparison method) whole.
 """
 
 from __future__ import annotations
@@ -116,5 +116,7 @@ def parameter_count(method_settings: Mapping, variant: str, n_types: int) -> int
     """Trainable parameters of a variant's own network (see the module docstring)."""
     model = build_model(method_settings, variant, n_types)
     kind = method_settings["variants"][variant]["model"]
-    part = {"teacher": lambda m: m.teacher, "student": lambda m: m.student}.get(kind, lambda m: m)
+    parts = {"teacher": lambda m: m.teacher, "student": lambda m: m.student}
+    parts["sckd"] = parts["student"]  # the distilled CT network, not the frozen teacher
+    part = parts.get(kind, lambda m: m)
     return sum(p.numel() for p in part(model).parameters())

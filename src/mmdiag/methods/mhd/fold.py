@@ -1,6 +1,6 @@
 """Train and evaluate one MHD-Net variant on one fold, and write the fold's files.
 
-Three kinds of variant (:mod:`.settings`):
+The kinds of variant (:mod:`.settings`):
 
 - ``teacher``: eq. 10 on paired CT + WSI sequences; tested with the test patients' CT and WSI
   (Table IV's teacher rows, Fig. 5), so its fold folder also holds ``branches.tsv``, the
@@ -8,7 +8,12 @@ Three kinds of variant (:mod:`.settings`):
 - ``student``: eq. 14 against its trained teacher (loaded from the teacher variant's fold
   checkpoint and frozen); tested on CT alone: the test patients' slides are never opened. Its
   checkpoint is the deployed model (teacher ``B_R`` + memory + student);
-- ``ct_resnet``: a plain CT 3D ResNet, trained with cross-entropy, tested on CT alone.
+- ``ct_resnet``: a plain CT 3D ResNet, trained with cross-entropy, tested on CT alone;
+- the comparison methods of Tables III and IV (:mod:`mmdiag.models.mhd_baselines`), each
+  tested on CT alone: ``mmformer`` and ``moddrop`` learn from the training patients' CT + WSI
+  with modality dropout; ``sckd`` distils its trained teacher (loaded and frozen like a
+  student's) into a CT ResNet-18, whose checkpoint is the deployed model; ``pcct`` trains on
+  CT alone, its two loss stages timed by the fold's number of training steps.
 
 One prediction per test CT sequence (a tumour sequence; "other" sequences only train). With
 ``sequences.keep_other`` the networks have a ninth output for "other"; the test probabilities
@@ -36,6 +41,7 @@ import torch
 
 from mmdiag.data.splits import load_fold, training_seed
 from mmdiag.methods.mhd.data import collate_tensors, fold_datasets, load_patients, sequence_ids
+from mmdiag.methods.mhd.kinds import DEPLOYED, TEACHER_READERS
 from mmdiag.methods.mhd.settings import (
     build_model,
     task_column,
@@ -50,7 +56,7 @@ from mmdiag.training.fold_outputs import (
     provenance,
     write_fold_folder,
 )
-from mmdiag.training.loop import train_model
+from mmdiag.training.loop import batch_indices, train_model
 from mmdiag.training.resume import clear_state, fold_resume_key, state_dir_beside
 from mmdiag.training.stages import load_stage
 
@@ -62,7 +68,15 @@ METRICS = ("mAcc", "mPre", "mRec", "mF1", "QWK")
 #: Batch -> named type logits (a teacher's three branches and its prediction).
 Outputs = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 #: The parts of a fold whose patients' slides a kind of variant reads.
-WSI_PARTS = {"teacher": ("train", "val", "test"), "student": ("train",), "ct_resnet": ()}
+WSI_PARTS = {
+    "teacher": ("train", "val", "test"),
+    "student": ("train",),
+    "ct_resnet": (),
+    "mmformer": ("train",),
+    "moddrop": ("train",),
+    "sckd": ("train",),
+    "pcct": (),
+}
 
 
 def run_mhd_fold(
@@ -80,13 +94,13 @@ def run_mhd_fold(
 ) -> dict[str, float]:
     """Train ``variant`` on fold ``fold``, write its outputs to ``out_dir``; return the metrics.
 
-    A student needs ``teacher_checkpoint``, its teacher variant's ``model.safetensors`` of the
-    same fold.
+    A student (and an SCKD variant) needs ``teacher_checkpoint``, its teacher variant's
+    ``model.safetensors`` of the same fold.
     """
     started = time.perf_counter()
     kind = method_settings["variants"][variant]["model"]
-    if kind == "student" and teacher_checkpoint is None:
-        raise ValueError(f"variant {variant!r} is a student: give its teacher's checkpoint")
+    if kind in TEACHER_READERS and teacher_checkpoint is None:
+        raise ValueError(f"variant {variant!r} is a {kind}: give its teacher's checkpoint")
     classes = type_classes(method_settings, manifest_rules)
     split = load_fold(splits_path, fold)
     settings = train_settings_of(method_settings, variant)
@@ -102,6 +116,9 @@ def run_mhd_fold(
 
     torch.manual_seed(settings.seed)
     model = _fold_model(method_settings, variant, len(classes), teacher_checkpoint)
+    if kind == "pcct":  # the two stages of PCCT's loss are fractions of the training steps
+        steps_per_epoch = len(batch_indices(len(datasets["train"]), settings.batch_size))
+        model.set_total_steps(settings.epochs * steps_per_epoch)
     inputs = {"manifest": manifest_path, "splits": splits_path}
     if teacher_checkpoint is not None:
         inputs["teacher"] = teacher_checkpoint
@@ -117,7 +134,7 @@ def run_mhd_fold(
         resume_key=fold_resume_key(method, variant, fold, method_settings, inputs),
     )
     device = resolve_device(settings.device)
-    evaluated = (model.deploy() if kind == "student" else model).to(device).eval()
+    evaluated = (model.deploy() if kind in DEPLOYED else model).to(device).eval()
     test = datasets["test"]
     outputs = predict_types(
         _output_function(kind, evaluated), test, len(classes), settings.batch_size, device
@@ -164,11 +181,13 @@ def run_mhd_fold(
 def _fold_model(
     method_settings: Mapping, variant: str, n_types: int, teacher_checkpoint: Path | None
 ) -> torch.nn.Module:
-    """The variant's network; a student's teacher and memory loaded from the teacher's fold
-    checkpoint (every tensor must fit) and frozen."""
+    """The variant's network; a student's teacher and memory (an SCKD variant's teacher)
+    loaded from the teacher's fold checkpoint (every tensor must fit) and frozen."""
     model = build_model(method_settings, variant, n_types)
-    if method_settings["variants"][variant]["model"] == "student":
+    kind = method_settings["variants"][variant]["model"]
+    if kind in TEACHER_READERS:
         load_stage(model.teacher, teacher_checkpoint, prefix="teacher.")
+    if kind == "student":
         load_stage(model.memory, teacher_checkpoint, prefix="memory.")
     return model
 

@@ -1,8 +1,11 @@
 """MHD-Net's settings as the trainers and the figures use them (``methods.<name>``).
 
-A variant is one of three kinds (``model``): ``teacher`` (eq. 10, CT + WSI), ``student``
-(eq. 14 against the trained ``teacher`` variant it names, tested on CT alone) and ``ct_resnet``
-(a plain CT 3D ResNet). Its ``options`` override the method's ``network`` settings.
+A variant is one of these kinds (``model``): ``teacher`` (eq. 10, CT + WSI), ``student``
+(eq. 14 against the trained ``teacher`` variant it names, tested on CT alone), ``ct_resnet``
+(a plain CT 3D ResNet) and the comparison methods of Tables III and IV
+(:mod:`mmdiag.models.mhd_baselines`): ``mmformer``, ``moddrop``, ``sckd`` (which distils the
+``teacher`` variant it names, like a student) and ``pcct``, all tested on CT alone. Its
+``options`` override the method's ``network`` settings.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import inspect
 from collections.abc import Iterable, Mapping
 
 from mmdiag.data.paired_sequences import SequenceSettings
+from mmdiag.methods.mhd.kinds import TEACHER_NETWORKS, TEACHER_READERS
+from mmdiag.models import mhd_baselines
 from mmdiag.models.mhd import (
     SHFM_OPTIONS,
     CTResNet,
@@ -22,10 +27,29 @@ from mmdiag.models.mhd import (
 )
 from mmdiag.training.loop import TrainSettings
 
-#: The ``network`` settings a teacher takes (a student takes its teacher's, and the student
-#: widths; the CT baseline the student widths).
+#: The ``network`` settings a teacher takes (a student and an SCKD variant take their
+#: teacher's, and the student widths; the CT networks the student widths).
 _TEACHER_KEYS = ("widths", "backbone", "kernel_sizes", "gate_kernel", "reduction", "capacities")
 _TEACHER_KEYS += ("decay", "memory_temperature")
+#: Constructor of each kind.
+CONSTRUCTORS = {
+    "teacher": mhd_teacher,
+    "student": mhd_student,
+    "ct_resnet": ct_resnet,
+    "mmformer": mhd_baselines.mmformer,
+    "moddrop": mhd_baselines.moddrop,
+    "sckd": mhd_baselines.sckd,
+    "pcct": mhd_baselines.pcct,
+}
+#: The model class of each CT network kind (its keyword options are accepted).
+_CT_NETWORKS = {
+    "ct_resnet": CTResNet,
+    "mmformer": mhd_baselines.MMFormer,
+    "moddrop": mhd_baselines.ModDropPlusPlus,
+    "pcct": mhd_baselines.PCCTNet,
+}
+#: Arguments the settings give (never options).
+_GIVEN = {"self", "n_classes", "frames", "num_types", "size"}
 
 
 def type_classes(method_settings: Mapping, manifest_rules: Mapping) -> list[str]:
@@ -60,16 +84,22 @@ def model_arguments(method_settings: Mapping, variant: str, n_types: int) -> dic
     """Constructor arguments of a variant's network: its kind's network settings, the frame
     count (the sequence depth), the number of types, and the variant's ``options`` over them.
 
-    A student is built around its teacher variant's arguments (so the teacher's checkpoint
-    fits), with the student widths and its own options over them.
+    A student (and an SCKD variant) is built around its teacher variant's arguments (so the
+    teacher's checkpoint fits), with the student widths and its own options over them. The CT
+    networks and the comparison methods take the student widths (mmFormer also the frames
+    and the in-plane size, which fix its token count).
     """
     spec = method_settings["variants"][variant]
     network = method_settings["network"]
     n_classes = n_outputs(method_settings, n_types)
-    if spec["model"] == "ct_resnet":
+    if spec["model"] in _CT_NETWORKS:
         widths = network["student_widths"] or network["widths"]
-        return {"n_classes": n_classes, "widths": widths} | dict(spec["options"])
-    if spec["model"] == "student":
+        arguments = {"n_classes": n_classes, "widths": widths}
+        if spec["model"] == "mmformer":
+            sequences = method_settings["sequences"]
+            arguments |= {"frames": sequences["depth"], "size": sequences["size"]}
+        return arguments | dict(spec["options"])
+    if spec["model"] in TEACHER_READERS:
         teacher = model_arguments(method_settings, spec["teacher"], n_types)
         return teacher | {"student_widths": network["student_widths"]} | dict(spec["options"])
     arguments = {k: network[k] for k in _TEACHER_KEYS}
@@ -78,10 +108,9 @@ def model_arguments(method_settings: Mapping, variant: str, n_types: int) -> dic
 
 
 def build_model(method_settings: Mapping, variant: str, n_types: int):
-    """The variant's network (``mhd_teacher``, ``mhd_student`` or ``ct_resnet``)."""
-    constructor = {"teacher": mhd_teacher, "student": mhd_student, "ct_resnet": ct_resnet}
+    """The variant's network (the constructor of its kind, :data:`CONSTRUCTORS`)."""
     kind = method_settings["variants"][variant]["model"]
-    return constructor[kind](**model_arguments(method_settings, variant, n_types))
+    return CONSTRUCTORS[kind](**model_arguments(method_settings, variant, n_types))
 
 
 def train_settings_of(method_settings: Mapping, variant: str) -> TrainSettings:
@@ -91,19 +120,20 @@ def train_settings_of(method_settings: Mapping, variant: str) -> TrainSettings:
 
 
 def config_problems(method: str, settings: Mapping, config: Mapping) -> Iterable[str]:
-    """Checked when the config is validated: a student names a teacher variant, nothing else
-    names one, options are the model's, and one memory fits the teacher's stages."""
+    """Checked when the config is validated: a student (and an SCKD variant) names a teacher
+    variant, nothing else names one, options are the model's, one memory fits the teacher's
+    stages, and mmFormer's heads divide its token width."""
     variants = settings["variants"]
     teachers = sorted(v for v, spec in variants.items() if spec["model"] == "teacher")
     where = f"methods.{method}.variants"
     for name, spec in variants.items():
-        if spec["model"] == "student" and spec.get("teacher") not in teachers:
+        if spec["model"] in TEACHER_READERS and spec.get("teacher") not in teachers:
             yield (
                 f"{where}.{name}.teacher: {spec.get('teacher')!r} is not a teacher variant; "
                 f"allowed values: {teachers}"
             )
-        if spec["model"] != "student" and spec.get("teacher"):
-            yield f"{where}.{name}.teacher: only a student variant distils a teacher"
+        if spec["model"] not in TEACHER_READERS and spec.get("teacher"):
+            yield f"{where}.{name}.teacher: only a student or an sckd variant distils a teacher"
         yield from _option_problems(f"{where}.{name}.options", spec)
     if settings["lesions"] == "table" and not settings["lesion_table"]:
         yield (
@@ -113,7 +143,15 @@ def config_problems(method: str, settings: Mapping, config: Mapping) -> Iterable
     yield from _figure_problems(method, settings)
     network = settings["network"]
     for name, spec in variants.items():
-        if spec["model"] == "ct_resnet":
+        if spec["model"] == "mmformer":
+            widths = spec["options"].get("widths", network["student_widths"] or network["widths"])
+            heads = spec["options"].get("num_heads", _default("mmformer", "num_heads"))
+            if widths[-1] % heads:
+                yield (
+                    f"{where}.{name}.options.num_heads: {heads} heads do not divide the token "
+                    f"width {widths[-1]} (the last stage width)"
+                )
+        if spec["model"] not in TEACHER_NETWORKS:
             continue
         widths = spec["options"].get("widths", network["widths"])
         try:
@@ -151,6 +189,11 @@ def _option_problems(where: str, spec: Mapping) -> Iterable[str]:
         yield f"{where}: {unknown} are not options of a {kind}; allowed: {sorted(accepted)}"
 
 
+def _default(kind: str, option: str):
+    """The default of a CT network kind's keyword option."""
+    return inspect.signature(_CT_NETWORKS[kind].__init__).parameters[option].default
+
+
 def _accepted_options(kind: str) -> set[str]:
     def names(function) -> set[str]:
         return {
@@ -160,9 +203,9 @@ def _accepted_options(kind: str) -> set[str]:
         }
 
     teacher = names(mhd_teacher) | names(MHDTeacher.__init__) | set(SHFM_OPTIONS)
-    teacher -= {"self", "n_classes", "frames", "num_types"}
+    teacher -= _GIVEN
     if kind == "teacher":
         return teacher
-    if kind == "student":
-        return (names(mhd_student) | teacher) - {"self", "n_classes", "frames", "num_types"}
-    return (names(ct_resnet) | names(CTResNet.__init__)) - {"self", "n_classes"}
+    if kind in TEACHER_READERS:
+        return (names(CONSTRUCTORS[kind]) | teacher) - _GIVEN
+    return (names(CONSTRUCTORS[kind]) | names(_CT_NETWORKS[kind].__init__)) - _GIVEN

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from mmdiag.methods.mhd.kinds import CT_ONLY_KINDS, TEACHER_READERS
+
 
 def reads_slides(config: Mapping, method: str, variant: str) -> bool:
-    """Whether a variant trains on WSI (teachers and students; the CT baseline does not)."""
-    return config["methods"][method]["variants"][variant]["model"] != "ct_resnet"
+    """Whether a variant trains on WSI (teachers, students, mmformer, moddrop and sckd; the CT
+    baseline and pcct do not)."""
+    return config["methods"][method]["variants"][variant]["model"] not in CT_ONLY_KINDS
 
 
 def fold_inputs(config: Mapping, method: str, variant: str, fold: str) -> dict[str, str]:
-    """Manifest, split file and a student's teacher checkpoint of the same fold."""
+    """Manifest, split file and the teacher checkpoint of the same fold for a student or an
+    SCKD variant."""
     settings = config["methods"][method]
     cohort = settings["cohort"]
     inputs = {
@@ -23,7 +27,7 @@ def fold_inputs(config: Mapping, method: str, variant: str, fold: str) -> dict[s
         "splits": f"results/{cohort}/splits/{settings['split']}.json",
     }
     spec = settings["variants"][variant]
-    if spec["model"] == "student":
+    if spec["model"] in TEACHER_READERS:
         inputs["teacher"] = f"results/{method}/{spec['teacher']}/fold_{fold}/model.safetensors"
     return inputs
 
@@ -31,10 +35,11 @@ def fold_inputs(config: Mapping, method: str, variant: str, fold: str) -> dict[s
 def slide_inputs(
     config: Mapping, method: str, variant: str, patch_stores: Callable[[str], list[str]]
 ) -> list[str]:
-    """The cohort's patch stores for a variant that reads WSI (none for the CT baseline).
+    """The cohort's patch stores for a variant that reads WSI (none for the CT-only kinds).
 
     ``patch_stores(cohort)`` lists the cohort's stores (it waits for the manifest checkpoint).
-    A student's job lists every store, though it opens only its training patients' slides.
+    A job that learns from slides lists every store, though it opens only its training
+    patients' slides.
     """
     if not reads_slides(config, method, variant):
         return []
