@@ -366,3 +366,108 @@ def test_mhd_paper_comparison_rows_are_built_as_the_tables_name_them(mhd_paper):
     )
     assert stage4_size(24, 224) == (2, 7) and mmformer["num_heads"] == 8
     assert model_arguments(mhd_paper, "pcct", 8)["widths"] == [64, 128, 256, 512]
+
+
+# --------------------------------------------------------------------------- CMUS-Net Tables 5-6
+
+# The paper's rows (Tables 5 and 6, top to bottom) and those the pipeline does not build.
+CMUS_TABLE5_PAPER_ROWS = [
+    "VGG16", "ResNet-50", "DenseNet-121", "ViT-B",  # unimodal
+    "FPN", "InceptionV3", "Res2Net-50", "SwinT-B", "CrossViT", "CrossFormer++", "HiFuse",
+    "CMUS-Net (ours)",
+]  # fmt: skip
+CMUS_TABLE6_PAPER_ROWS = [
+    *CMUS_TABLE5_PAPER_ROWS[:-1],
+    "MMGL", "mmFormer", "MDL-IIA",  # multi-modal
+    "MSAN", "AGGN",  # multi-modal multi-scale
+    "CMUS-Net (ours)",
+]  # fmt: skip
+CMUS_ROWS_NOT_BUILT = {"MMGL", "mmFormer", "MDL-IIA", "MSAN", "AGGN"}
+
+
+@pytest.mark.parametrize(
+    ("method", "table", "paper_rows"),
+    [
+        ("cmus", "table5", CMUS_TABLE5_PAPER_ROWS),
+        ("cmus_staging", "table6", CMUS_TABLE6_PAPER_ROWS),
+    ],
+)
+def test_cmus_tables_5_and_6_hold_every_built_row_in_the_papers_order(
+    cmus_paper, method, table, paper_rows
+):
+    spec = cmus_paper["methods"][method]["tables"][table]
+    built = [spec["labels"][row] for row in spec["rows"]]
+    assert built == [row for row in paper_rows if row not in CMUS_ROWS_NOT_BUILT]
+
+
+def test_cmus_table6_unimodal_rows_are_built_as_in_table5(cmus_paper):
+    from mmdiag.models.crossformer import CROSSFORMER_SIZES
+    from mmdiag.models.hifuse import HIFUSE_SIZES
+
+    # Table 6 compares the same models on the MN staging dataset (Sec. 5.3)
+    disease = cmus_paper["methods"]["cmus"]["variants"]
+    staging = cmus_paper["methods"]["cmus_staging"]
+    rows = staging["tables"]["table6"]["rows"]
+    for row in rows:
+        assert staging["variants"][row] == disease[row], row
+    concat = [row for row in rows if disease[row]["model"] == "cmus_concat"]
+    assert len(concat) == 11
+    built_here = HIFUSE_SIZES.keys() | CROSSFORMER_SIZES.keys()
+    for row in concat:  # every encoder is a timm model, an FPN over one, HiFuse or CrossFormer++
+        encoder = disease[row]["encoder"]
+        assert timm.is_model(encoder.removeprefix("fpn_")) or encoder in built_here, row
+    # Sec. 5.2.1: FPN with its detection head replaced by two FC layers; ResNet-50 backbone
+    assert disease["fpn"]["encoder"] == "fpn_resnet50"
+    assert disease["hifuse"]["encoder"] == "hifuse_tiny"  # the authors' default size
+    assert disease["crossformerpp"]["encoder"] == "crossformerpp_small"  # the smallest published
+
+
+# --------------------------------------------------------------------------- CS-MIL DTFD, HAG
+
+# Table 1 rows in the paper's order; HIPT (pretrained ViT-256 weights) is not built
+CSMIL_TABLE1_BUILT_ROWS = [
+    "deepattnmisl_20x", "deepattnmisl_10x", "deepattnmisl_5x", "gated_attention",
+    "deepattnmisl_multi", "ms_da_mil", "ds_mil", "dtfd_mil", "hag_mil", "csmil",
+]  # fmt: skip
+
+
+def test_csmil_dtfd_and_hag_mil_rows_are_in_tables_1_and_5(csmil_paper):
+    methods = csmil_paper["methods"]
+    assert methods["csmil"]["tables"]["table1"]["rows"] == CSMIL_TABLE1_BUILT_ROWS
+    for method in ("csmil_micro", "csmil_macro"):
+        rows = methods[method]["tables"]["table5"]["rows"]
+        assert rows.index("dtfd_mil") == rows.index("ds_mil") + 1, method
+        assert rows.index("hag_mil") == rows.index("dtfd_mil") + 1, method
+        labels = methods[method]["tables"]["table5"]["labels"]
+        assert (labels["dtfd_mil"], labels["hag_mil"]) == ("DTFD-MIL", "HAG-MIL"), method
+    # Table 1, TCGA-GBMLGG column
+    assert {"dtfd_mil", "hag_mil"} <= set(methods["csmil_tcga"]["variants"])
+
+
+def test_csmil_dtfd_mil_runs_as_the_paper_lists_it(csmil_paper):
+    from mmdiag.models import create_model
+
+    for method in CSMIL_METHODS:
+        spec = csmil_paper["methods"][method]["variants"]["dtfd_mil"]
+        # Table 1: patch scale "Multiple", clustering 20x (the default cluster column)
+        assert spec["model"] == "dtfd_mil" and spec["clustering"], method
+        assert spec["cluster_scale"] is None, method
+        # the authors' code: AFS distillation, 4 pseudo-bags; every (location, scale) an instance
+        model = create_model("dtfd_mil", in_dim=8, **spec["options"])
+        assert (model.distillation, model.n_pseudo_bags) == ("AFS", 4), method
+        assert model.scale_input == "instances", method
+        # Sec. 5.1: every row trains with the same hyper-parameters
+        assert csmil_paper["methods"][method]["train"]["lr"] == 5e-4, method
+
+
+def test_csmil_hag_mil_reads_5x_then_10x_then_20x(csmil_paper):
+    from mmdiag.models import create_model
+
+    for method in CSMIL_METHODS:
+        spec = csmil_paper["methods"][method]["variants"]["hag_mil"]
+        assert spec["model"] == "hag_mil" and spec["cluster_scale"] is None, method
+        model = create_model("hag_mil", in_dim=8, **spec["options"])
+        # the authors' code: k_sample 8, IAM widths 1024-1536-512-1024; half kept per level
+        assert (model.k_sample, model.keep_fraction) == (8, 0.5), method
+        widths = [block.embed[0].out_features for block in model.levels[0].blocks]
+        assert widths == [1024, 1536, 512, 1024], method

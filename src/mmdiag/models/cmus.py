@@ -18,14 +18,17 @@ turn NaN; logits are not passed through a ReLU; AUC uses softmax probabilities.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from timm.layers import Mlp
 from torch import nn
 from torch.nn import functional as F
 
-from mmdiag.models.encoders import create_encoder
+from mmdiag.models.crossformer import create_crossformer_encoder, is_crossformer_encoder
+from mmdiag.models.encoders import create_encoder, load_encoder_checkpoint
+from mmdiag.models.fpn import create_fpn_encoder, fpn_backbone
+from mmdiag.models.hifuse import create_hifuse_encoder, is_hifuse_encoder
 from mmdiag.models.registry import register_model
 
 log = logging.getLogger(__name__)
@@ -50,11 +53,13 @@ _warned_random_init = False  # the random-initialisation warning is given once p
 
 
 def warn_if_randomly_initialised(encoder: str, checkpoint: str | None) -> None:
-    """Warn (once per process) that a real timm encoder without ``checkpoint`` starts from
-    random weights; the paper fine-tunes ImageNet-1K weights (Section 4.2). The tiny timm
-    ``test_*`` encoders of the demo and the tests are meant to train from scratch."""
+    """Warn (once per process) that a real encoder without ``checkpoint`` starts from
+    random weights; the paper fine-tunes ImageNet-1K weights (Section 4.2). The tiny
+    ``test_*`` encoders of the demo and the tests are meant to train from scratch. An FPN
+    (``fpn_<backbone>``) takes its backbone's checkpoint."""
     global _warned_random_init
-    if checkpoint is not None or encoder.startswith("test_") or _warned_random_init:
+    architecture = fpn_backbone(encoder) or encoder  # an FPN's weights are its backbone's
+    if checkpoint is not None or architecture.startswith("test_") or _warned_random_init:
         return
     _warned_random_init = True
     log.warning(
@@ -63,17 +68,43 @@ def warn_if_randomly_initialised(encoder: str, checkpoint: str | None) -> None:
         "to a local ImageNet checkpoint file of %r (.safetensors or a torch state dict); "
         "nothing is downloaded.",
         encoder,
-        encoder,
+        architecture,
     )
+
+
+def gives_pooled_features_only(encoder: str) -> bool:
+    """FPN, HiFuse and CrossFormer++ encoders (Tables 5-6) give pooled vectors, no token map."""
+    return bool(fpn_backbone(encoder)) or non_timm_encoder(encoder) is not None
+
+
+def non_timm_encoder(encoder: str) -> Callable[[str], nn.Module] | None:
+    """The constructor of a HiFuse or CrossFormer++ encoder name, else None."""
+    if is_hifuse_encoder(encoder):
+        return create_hifuse_encoder
+    if is_crossformer_encoder(encoder):
+        return create_crossformer_encoder
+    return None
+
+
+def create_modality_encoder(encoder: str, checkpoint: str | None) -> nn.Module:
+    """A timm encoder, the FPN encoder ``fpn_<timm backbone>``, a HiFuse or a CrossFormer++
+    (Tables 5-6); ``checkpoint`` is a local state dict of the backbone (FPN) or the encoder."""
+    if fpn_backbone(encoder):
+        return create_fpn_encoder(encoder, checkpoint=checkpoint)
+    constructor = non_timm_encoder(encoder)
+    if constructor is None:
+        return create_encoder(encoder, checkpoint=checkpoint)
+    model = constructor(encoder)
+    if checkpoint is not None:
+        load_encoder_checkpoint(model, checkpoint, name=encoder)
+    return model
 
 
 def modality_encoders(
     encoder: str, modalities: Sequence[str], checkpoint: str | None
 ) -> nn.ModuleDict:
-    """One unshared timm encoder per modality (E_OM, E_IM, E_TEM)."""
-    encoders = nn.ModuleDict(
-        {m: create_encoder(encoder, checkpoint=checkpoint) for m in modalities}
-    )
+    """One unshared encoder per modality (E_OM, E_IM, E_TEM)."""
+    encoders = nn.ModuleDict({m: create_modality_encoder(encoder, checkpoint) for m in modalities})
     warn_if_randomly_initialised(encoder, checkpoint)
     return encoders
 
@@ -258,6 +289,11 @@ class CMUSNet(nn.Module):
             raise ValueError(
                 f"fusion_attention must be one of {FUSION_ATTENTIONS}, got {fusion_attention!r}"
             )
+        if gives_pooled_features_only(encoder):
+            raise ValueError(
+                f"encoder {encoder!r} gives pooled features, not the token map CMUS-Net's "
+                "attention needs; use it with model cmus_concat"
+            )
         self.num_classes = num_classes
         self.modalities = checked_modalities(modalities)
         self.smil, self.smil_threshold = smil, smil_threshold
@@ -363,12 +399,14 @@ class CMUSNet(nn.Module):
 
 
 class CMUSConcat(nn.Module):
-    """Concatenation fusion of Table 5: any timm encoder per modality, its own pooled features.
+    """Concatenation fusion of Tables 5 and 6: one encoder per modality, its pooled features.
 
     One unshared encoder per modality; the TEM bag is reduced to the mean of its instance
     features; the features are concatenated and classified by two fully connected layers.
     Works with every timm classifier backbone (VGG, DenseNet, Inception, CrossViT ...), which
-    need not give a token map.
+    need not give a token map, with the FPN encoders ``fpn_<timm backbone>`` (the FPN row,
+    :mod:`mmdiag.models.fpn`), ``hifuse_tiny`` (the HiFuse row, :mod:`mmdiag.models.hifuse`)
+    and ``crossformerpp_small`` (the CrossFormer++ row, :mod:`mmdiag.models.crossformer`).
     """
 
     def __init__(

@@ -8,7 +8,9 @@ Authors' code: https://github.com/hrlblab/CS-MIL (commit e052cec)
 Baselines of Table 1, each with its own public code or paper:
 DeepAttnMISL (J. Yao et al., Medical Image Analysis 2020; https://github.com/uta-smile/DeepAttnMISL),
 Gated Attention MIL (M. Ilse et al., ICML 2018), MS-DA-MIL (N. Hashimoto et al., CVPR 2020) and
-DS-MIL (B. Li et al., CVPR 2021; https://github.com/binli123/dsmil-wsi).
+DS-MIL (B. Li et al., CVPR 2021; https://github.com/binli123/dsmil-wsi). DTFD-MIL (H. Zhang et al.,
+CVPR 2022) and HAG-MIL (C. Xiong et al., IJCAI 2023) have their own files,
+:mod:`mmdiag.models.dtfd` and :mod:`mmdiag.models.hag_mil`.
 
 Batch contract, shared by every model here: a dict with
 ``features`` float32 (B, N, S, D) — B bags of N instances, each instance the phenotype features
@@ -156,12 +158,16 @@ class AttentionPooling(nn.Module):
         self.gate = nn.Linear(dim, hidden_dim) if gated else None  # U
         self.weight = nn.Linear(hidden_dim, 1)  # w
 
-    def weights(self, instances: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attention a_k (B, N) of instances h_k (B, N, L); sums to 1 over each bag."""
+    def scores(self, instances: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores w^T (tanh(V h_k) [* sigmoid(U h_k)]) (..., N) of h_k (..., N, L)."""
         hidden = torch.tanh(self.tanh_branch(instances))
         if self.gate is not None:
             hidden = hidden * torch.sigmoid(self.gate(instances))
-        return masked_softmax(self.weight(hidden).squeeze(-1), mask)
+        return self.weight(hidden).squeeze(-1)
+
+    def weights(self, instances: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention a_k (B, N) of instances h_k (B, N, L); sums to 1 over each bag."""
+        return masked_softmax(self.scores(instances), mask)
 
     def forward(
         self, instances: torch.Tensor, mask: torch.Tensor
