@@ -105,7 +105,8 @@ def test_partial_config_gets_schema_defaults(demo_config):
         (
             lambda c: c["methods"]["cmus"]["variants"]["om"].update(model="resnet"),
             "methods.cmus.variants.om.model: 'resnet' is not allowed; "
-            "allowed values: ['cmus_net', 'cmus_concat', 'late_vote']",
+            "allowed values: ['cmus_net', 'cmus_concat', 'mmgl', 'mdl_iia', 'cmus_mmformer', "
+            "'cmus_msan', 'cmus_aggn', 'late_vote']",
         ),
     ],
 )

@@ -33,7 +33,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from timm.models.vision_transformer import Block
 from torch import nn
 from torch.nn import functional as F
 
@@ -46,6 +45,12 @@ from mmdiag.models.mhd import (
     mhd_teacher,
     stage_frames,
     tiny_example,
+)
+from mmdiag.models.mmformer import (
+    PAPER_MLP_RATIO,
+    InterModalTransformer,
+    IntraModalTransformer,
+    draw_availability,
 )
 from mmdiag.models.registry import register_model
 from mmdiag.training.stages import freeze
@@ -71,17 +76,6 @@ def _ct_of(inputs: Mapping[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
     return inputs["ct"] if isinstance(inputs, Mapping) else inputs
 
 
-def draw_availability(
-    n: int, subsets: Sequence[Sequence[bool]], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """``n`` availability codes ``(n, 2)`` bool, each drawn uniformly from ``subsets``.
-
-    Drawn from torch's global generator, which the training loop's resume state restores.
-    """
-    table = torch.tensor(subsets, dtype=torch.bool)
-    return table[torch.randint(len(table), (n,))].to(device)
-
-
 def ct_only_code(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The availability code of a CT-only batch ``(n, 2)``: CT present, WSI missing."""
     return torch.tensor([CT_ONLY] * n, dtype=torch.bool, device=device)
@@ -101,13 +95,14 @@ def stage4_size(frames: int, size: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- mmFormer
 
 
-class HybridEncoder(nn.Module):
+class HybridEncoder(IntraModalTransformer):
     """mmFormer's hybrid modality-specific encoder (Sec. 2.1): a convolutional encoder for local
     features, then an intra-modal transformer over its last map's tokens for global context.
 
     The convolutional encoder is a frame ResNet; its stage-4 map is tokenised by a 1³
-    convolution and each layer adds the learnable positional embedding before its attention,
-    as in the authors' ``Transformer``.
+    convolution and the shared :class:`~mmdiag.models.mmformer.IntraModalTransformer` adds the
+    learnable positional embedding before each layer's attention, as in the authors'
+    ``Transformer``.
     """
 
     def __init__(
@@ -123,26 +118,22 @@ class HybridEncoder(nn.Module):
         mlp_ratio: float,
         drop: float,
     ) -> None:
-        super().__init__()
         dim = widths[-1]
-        self.conv = create_frame_resnet(
+        # the convolution first: a seed draws its weights before the transformer's
+        conv = create_frame_resnet(
             backbone, in_channels=in_channels, widths=widths, shortcut_type=shortcut_type
         )
-        self.tokenize = nn.Conv3d(dim, dim, 1)
-        self.position = nn.Parameter(torch.zeros(1, tokens, dim))
-        nn.init.trunc_normal_(self.position, std=0.02)
-        self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=drop, attn_drop=drop)
-            for _ in range(depth)
+        tokenize = nn.Conv3d(dim, dim, 1)
+        super().__init__(
+            dim, tokens, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, drop=drop
         )
+        self.conv, self.tokenize = conv, tokenize
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The local map ``F_local`` (stage 4) and the global tokens ``F_global`` ``(B, N, D)``."""
         local = self.conv.forward_stages(x)[-1]  # F_local = E_conv(x)
         tokens = self.tokenize(local).flatten(2).transpose(1, 2)  # linear projection to tokens
-        for block in self.blocks:
-            tokens = block(tokens + self.position)  # intra-modal transformer, position added
-        return local, tokens
+        return local, self.contextualise(tokens)  # intra-modal transformer, position added
 
 
 class MMFormer(nn.Module):
@@ -154,6 +145,8 @@ class MMFormer(nn.Module):
     Bernoulli indicator δ_m multiplies them, the authors' ``MaskModal``), and an inter-modal
     transformer runs over the concatenated tokens of both modalities, each with its learnable
     positional (modality) embedding added at every layer. Sec. 2.4: auxiliary regularisers.
+    The transformers and the masking are :mod:`mmdiag.models.mmformer`'s, shared with the
+    mmFormer row of CMUS-Net's Table 4.
 
     Adaptations and reductions:
 
@@ -169,7 +162,8 @@ class MMFormer(nn.Module):
       {CT, WSI} (the authors' 15 subsets of four sequences); the test code is (CT, no WSI),
       and then the WSI encoder never runs.
     - Transformer: ``depth`` blocks of width ``widths[-1]`` (paper 512, depth 1, 8 heads,
-      MLP 4096), timm's pre-norm ``Block``; dropout ``drop`` (the authors' code 0.1).
+      MLP 4096: ratio 8), timm's pre-norm ``Block``; dropout ``drop`` (the authors' code 0.1,
+      here 0 by default).
 
     Parameters
     ----------
@@ -200,7 +194,7 @@ class MMFormer(nn.Module):
         shortcut_type: str = "B",
         depth: int = 1,
         num_heads: int = 8,
-        mlp_ratio: float = 4.0,
+        mlp_ratio: float = PAPER_MLP_RATIO,
         drop: float = 0.0,
         alpha_aux: float = 1.0,
     ) -> None:
@@ -230,9 +224,8 @@ class MMFormer(nn.Module):
             }
         )
         dim = widths[-1]
-        self.inter = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=drop, attn_drop=drop)
-            for _ in range(depth)
+        self.inter = InterModalTransformer(
+            dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, drop=drop
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
@@ -257,11 +250,9 @@ class MMFormer(nn.Module):
         else:
             local_wsi, tokens_wsi = self.encoders["wsi"](wsi)
             out["local_wsi"] = self.encoders["wsi"].conv.pool(local_wsi)
-        delta = available.to(tokens_ct.dtype)[:, :, None, None]  # Bernoulli indicators δ_m
-        tokens = torch.cat([tokens_ct * delta[:, 0], tokens_wsi * delta[:, 1]], dim=1)
-        position = torch.cat([self.encoders[m].position for m in MODALITIES], dim=1)
-        for block in self.inter:
-            tokens = block(tokens + position)  # inter-modal transformer (Sec. 2.2)
+        positions = [self.encoders[m].position for m in MODALITIES]
+        # Sec. 2.2: tokens times δ_m, then the inter-modal transformer over both modalities
+        tokens = self.inter([tokens_ct, tokens_wsi], positions, available)
         out["fused"] = self.norm(tokens).mean(dim=1)
         out["logits"] = self.head(out["fused"])
         return out

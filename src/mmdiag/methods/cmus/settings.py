@@ -5,12 +5,26 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
+from mmdiag.models.aggn import CMUSAGGN
 from mmdiag.models.cmus import CMUSConcat, CMUSNet
+from mmdiag.models.mdl_iia import MDLIIA
+from mmdiag.models.mmformer import CMUSMMFormer
+from mmdiag.models.mmgl import MMGL
+from mmdiag.models.msan import CMUSMSAN
 from mmdiag.training.loop import TrainSettings
 
 #: The manifest rule that lists each task's classes.
 TASK_CLASSES_KEY = {"disease": "classes", "mn_stage": "stages"}
-MODEL_CLASSES = {"cmus_net": CMUSNet, "cmus_concat": CMUSConcat}
+MODEL_CLASSES = {
+    "cmus_net": CMUSNet,
+    "cmus_concat": CMUSConcat,
+    # Table 4's multi-modal rows
+    "mmgl": MMGL,
+    "cmus_mmformer": CMUSMMFormer,
+    "mdl_iia": MDLIIA,
+    "cmus_msan": CMUSMSAN,
+    "cmus_aggn": CMUSAGGN,
+}
 
 
 def task_classes(method_settings: Mapping, manifest_rules: Mapping) -> list[str]:
