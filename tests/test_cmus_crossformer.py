@@ -19,30 +19,22 @@ from mmdiag.models.crossformer import (
     from_groups,
     to_groups,
 )
+from tests.image_classifiers import assert_loss_falls_on_separable_images, random_images
 
 TINY = CROSSFORMER_SIZES["test_crossformerpp"]  # 32 px, widths 32-256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _images(n=2, size_px=32, seed=0):
-    return torch.randn(n, 3, size_px, size_px, generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_output_shapes():
     torch.manual_seed(0)
     model = CrossFormerPP(3, size=TINY).eval()
-    assert model.forward_features(_images()).shape == (2, 256) == (2, model.num_features)
-    assert model(_images()).shape == (2, 3)
-    assert create_crossformer_encoder("test_crossformerpp")(_images()).shape == (2, 256)
+    assert model.forward_features(random_images()).shape == (2, 256) == (2, model.num_features)
+    assert model(random_images()).shape == (2, 3)
+    assert create_crossformer_encoder("test_crossformerpp")(random_images()).shape == (2, 256)
     with pytest.raises(ValueError, match="32 px"):
-        model(_images(size_px=64))
+        model(random_images(size_px=64))
 
 
 def test_paper_size_is_crossformerpp_s():
@@ -128,18 +120,7 @@ def test_dynamic_position_bias_depends_on_the_relative_offset_only():
 
 def test_loss_falls_on_a_separable_problem():
     torch.manual_seed(0)
-    model = CrossFormerPP(2, size=TINY)
-    labels = torch.tensor([0, 1] * 4)
-    images = 0.3 * _images(8) + 2.0 * labels.float().view(-1, 1, 1, 1)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(8):
-        optimiser.zero_grad()
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert_loss_falls_on_separable_images(CrossFormerPP(2, size=TINY), lr=1e-3)
 
 
 def test_crossformer_encoders_inside_the_concatenation_baseline(tmp_path):

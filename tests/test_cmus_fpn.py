@@ -20,27 +20,19 @@ from mmdiag.models.fpn import (
     create_fpn_encoder,
     fpn_backbone,
 )
+from tests.image_classifiers import assert_loss_falls_on_separable_images, random_images
 
 BACKBONE = "test_resnet"  # timm's tiny ResNet: five feature maps, strides 2-32
 TINY = {"backbone": BACKBONE, "fpn_channels": 8, "hidden_dim": 8, "dropout": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _images(n=2, size_px=32, seed=0):
-    return torch.randn(n, 3, size_px, size_px, generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_output_shapes():
     torch.manual_seed(0)
     model = FeaturePyramidClassifier(3, **TINY).eval()
-    images = _images()
+    images = random_images()
     levels = model.pyramid(images)
     # P2-P5: strides 4, 8, 16, 32 with fpn_channels each (Lin et al. Sec. 3)
     assert [tuple(level.shape) for level in levels] == [
@@ -54,16 +46,16 @@ def test_headless_model_is_an_encoder_of_pooled_pyramid_features():
     encoder = FeaturePyramidClassifier(0, backbone=BACKBONE).eval()
     assert encoder.num_levels == 4 and encoder.num_features == 4 * FPN_CHANNELS
     with torch.no_grad():
-        features = encoder(_images())
+        features = encoder(random_images())
     assert features.shape == (2, 4 * FPN_CHANNELS)
-    torch.testing.assert_close(features, encoder.forward_features(_images()))
+    torch.testing.assert_close(features, encoder.forward_features(random_images()))
 
 
 def test_every_pyramid_level_reaches_the_logits():
     torch.manual_seed(0)
     model = FeaturePyramidClassifier(3, **TINY).eval()
     with torch.no_grad():
-        levels = model.pyramid(_images())
+        levels = model.pyramid(random_images())
         pooled = model.pool(levels)
         assert pooled.shape[1] == len(levels) * 8  # levels x FPN channels
         logits = model.forward_head(pooled)
@@ -74,19 +66,7 @@ def test_every_pyramid_level_reaches_the_logits():
 
 def test_loss_falls_on_a_separable_problem():
     torch.manual_seed(0)
-    model = FeaturePyramidClassifier(2, **TINY)
-    labels = torch.tensor([0, 1] * 4)
-    # class 1 images are brighter: separable by the mean intensity
-    images = 0.3 * _images(8, 16) + 2.0 * labels.float().view(-1, 1, 1, 1)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        optimiser.zero_grad()
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert_loss_falls_on_separable_images(FeaturePyramidClassifier(2, **TINY), lr=1e-2)
 
 
 def test_backbone_loads_a_local_checkpoint_of_the_timm_classifier(tmp_path):

@@ -13,33 +13,25 @@ from mmdiag.models.hifuse import (
     HiFuse,
     create_hifuse_encoder,
 )
+from tests.image_classifiers import assert_loss_falls_on_separable_images, random_images
 
 TINY = HIFUSE_SIZES["test_hifuse"]  # 32 px, widths 12-96
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _images(n=2, size_px=32, seed=0):
-    return torch.randn(n, 3, size_px, size_px, generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_output_shapes():
     torch.manual_seed(0)
     model = HiFuse(3, size=TINY).eval()
-    stages = model.stage_features(_images())
+    stages = model.stage_features(random_images())
     # strides 4-32, the branch widths (both branches NCHW by then)
     strides = (4, 8, 16, 32)
     expected = [(2, dim, 32 // s, 32 // s) for dim, s in zip(TINY.dims, strides, strict=True)]
     assert [tuple(f.shape) for f in stages] == expected
-    assert model.forward_features(_images()).shape == (2, 96) == (2, model.num_features)
-    assert model(_images()).shape == (2, 3)
-    assert create_hifuse_encoder("test_hifuse")(_images()).shape == (2, 96)
+    assert model.forward_features(random_images()).shape == (2, 96) == (2, model.num_features)
+    assert model(random_images()).shape == (2, 3)
+    assert create_hifuse_encoder("test_hifuse")(random_images()).shape == (2, 96)
 
 
 def test_paper_size_is_hifuse_t():
@@ -90,18 +82,7 @@ def test_hff_output_depends_on_local_global_and_previous():
 
 def test_loss_falls_on_a_separable_problem():
     torch.manual_seed(0)
-    model = HiFuse(2, size=TINY)
-    labels = torch.tensor([0, 1] * 4)
-    images = 0.3 * _images(8) + 2.0 * labels.float().view(-1, 1, 1, 1)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(8):
-        optimiser.zero_grad()
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert_loss_falls_on_separable_images(HiFuse(2, size=TINY), lr=3e-3)
 
 
 def test_hifuse_encoders_inside_the_concatenation_baseline(tmp_path):

@@ -36,12 +36,7 @@ TINY_MMGL = {
 TINY_MDL_IIA = {"encoder": "test_convnext", "hidden_dim": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_batch(n_patients=3, tem_counts=(2, 1, 3), size=32, seed=0, labels=None):

@@ -11,12 +11,7 @@ from mmdiag.models.mmformer import draw_availability, non_empty_subsets
 MODELS = ("cmus_mmformer", "cmus_msan", "cmus_aggn")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(n_patients=2, tem_counts=(2, 3), size=32, seed=0, labels=None):

@@ -1,24 +1,17 @@
 """DTFD-MIL (Zhang et al., CVPR 2022) as a CS-MIL baseline: pseudo-bags, the four distillation
 strategies, the Grad-CAM instance signal, deterministic evaluation, learning and a CS-MIL fold."""
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from sklearn.metrics import roc_auc_score
 
 from mmdiag.models import create_model
 from mmdiag.models.dtfd import DISTILLATIONS, distil, pseudo_bag_membership
+from tests.mil_bags import assert_learns_planted_bags
 from tests.test_csmil_fold import CLASSES, DIM, N_PATCHES, _run, cohort  # noqa: F401
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(n_bags=4, n_locations=6, dim=8, seed=0, labels=None):
@@ -204,39 +197,10 @@ def test_gradients_are_clipped_per_module():
         assert norm <= 5.0 + 1e-4
 
 
-def _planted_bags(n_bags=40, n_locations=10, dim=8, seed=0):
-    """Noise; a positive bag has two locations whose features 0-2 are high at every scale."""
-    rng = np.random.default_rng(seed)
-    features = rng.normal(0, 1, (n_bags, n_locations, 3, dim)).astype(np.float32)
-    labels = np.arange(n_bags) % 2
-    for b in np.flatnonzero(labels):
-        features[b, rng.choice(n_locations, 2, replace=False), :, :3] += 2.5
-    return {
-        "features": torch.from_numpy(features),
-        "mask": torch.ones(n_bags, n_locations, dtype=torch.bool),
-        "label": torch.from_numpy(labels).float(),
-    }
-
-
 @pytest.mark.parametrize("strategy", ["AFS", "MaxMinS"])
 def test_it_learns_a_label_carried_by_a_few_planted_instances(strategy):
     torch.manual_seed(0)
-    train, test = _planted_bags(seed=0), _planted_bags(seed=1)
-    model = _small(distillation=strategy)
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(40):
-        model.train()
-        loss, _ = model.loss(train)
-        optimiser.zero_grad()
-        loss.backward()
-        model.clip_gradients()
-        optimiser.step()
-        losses.append(loss.item())
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
-    with torch.no_grad():
-        scores = torch.sigmoid(model.eval()(test)).numpy()
-    assert roc_auc_score(test["label"].numpy(), scores) > 0.8
+    assert_learns_planted_bags(_small(distillation=strategy), steps=40)
 
 
 def test_options_are_checked():

@@ -1,25 +1,19 @@
 """HAG-MIL (Xiong et al., IJCAI 2023) as a CS-MIL baseline: the 5x -> 10x -> 20x zoom, its
 losses, deterministic evaluation, learning and a CS-MIL fold."""
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
 from mmdiag.models import create_model
 from mmdiag.models.hag_mil import keep_most_attended
+from tests.mil_bags import assert_learns_planted_bags
 from tests.test_csmil_fold import N_PATCHES, _run, cohort  # noqa: F401
 
 SMALL = {"hidden_dims": (16, 8), "pool_dim": 8, "attention_dim": 4, "heads": 2, "dropout": 0.0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _small(**options):
@@ -99,36 +93,8 @@ def test_options_are_checked():
         _small(heads=3)
 
 
-def _planted_bags(n_bags=40, n_locations=10, seed=0):
-    """Noise; a positive bag has two locations whose features 0-2 are high at every scale."""
-    rng = np.random.default_rng(seed)
-    features = rng.normal(0, 1, (n_bags, n_locations, 3, 8)).astype(np.float32)
-    labels = np.arange(n_bags) % 2
-    for b in np.flatnonzero(labels):
-        features[b, rng.choice(n_locations, 2, replace=False), :, :3] += 2.5
-    return {
-        "features": torch.from_numpy(features),
-        "mask": torch.ones(n_bags, n_locations, dtype=torch.bool),
-        "label": torch.from_numpy(labels).float(),
-    }
-
-
 def test_it_learns_a_label_carried_by_a_few_planted_instances():
-    train, test = _planted_bags(seed=0), _planted_bags(seed=1)
-    model = _small()
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        model.train()
-        loss, _ = model.loss(train)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
-    with torch.no_grad():
-        scores = torch.sigmoid(model.eval()(test)).numpy()
-    assert roc_auc_score(test["label"].numpy(), scores) > 0.8
+    assert_learns_planted_bags(_small(), steps=30)
 
 
 def test_a_csmil_fold_trains_and_tests_hag_mil(cohort, tmp_path):  # noqa: F811
