@@ -27,6 +27,7 @@ DEMO = [
     ROOT / "config/config.yaml",
     ROOT / "config/methods/cmus.yaml",
     ROOT / "config/methods/csmil.yaml",
+    ROOT / "config/methods/guide.yaml",
     ROOT / "config/methods/mhd.yaml",
 ]
 PAPER = ROOT / "config/paper"
@@ -473,3 +474,59 @@ def test_csmil_hag_mil_reads_5x_then_10x_then_20x(csmil_paper):
         assert (model.k_sample, model.keep_fraction) == (8, 0.5), method
         widths = [block.embed[0].out_features for block in model.levels[0].blocks]
         assert widths == [1024, 1536, 512, 1024], method
+
+
+# --------------------------------------------------------------------------- DeepGuide
+
+#: Table 1 of the DeepGuide paper: its rows for each MR column (P + R and P only under ALL).
+GUIDE_TABLE1 = {
+    "t1": ["R", "G(R)", "G(R) + R"],
+    "t2": ["R", "G(R)", "G(R) + R"],
+    "t1ce": ["R", "G(R)", "G(R) + R"],
+    "flair": ["R", "G(R)", "G(R) + R"],
+    "all": ["P + R", "P", "R", "G(R)", "G(R) + R"],
+}
+
+
+@pytest.fixture(scope="module")
+def guide_paper():
+    return load_config([*DEMO, PAPER / "guide.yaml"])
+
+
+def test_guide_paper_tables_hold_every_row_of_table1_and_the_control(guide_paper):
+    guide = guide_paper["methods"]["guide"]
+    for column, rows in GUIDE_TABLE1.items():
+        table = guide["tables"][f"table1_{column}"]
+        labels = [table["labels"][row] for row in table["rows"]]
+        assert labels == [*rows, "R + retrained head (control)"], column
+        assert table["reference"] == f"r_{column}"
+        assert guide["variants"][f"r_{column}"]["sequence"] == column
+
+
+def test_guide_paper_recipes_are_the_supplements_table1(guide_paper):
+    from mmdiag.methods.guide.settings import train_settings_of
+
+    guide = guide_paper["methods"]["guide"]
+    expected = {  # supplement Table 1: (batch, epochs, patience, optimiser, lr, WRS)
+        "p": (1, 200, 20, "adam", 1e-4, "balanced"),
+        "r_all": (10, 600, 50, "adam", 2e-4, "balanced"),
+        "g_all": (50, 150, None, "sgd", 0.5, "shuffle"),
+        "gr_all": (50, 500, 200, "sgd", 1e-3, "balanced"),
+        "pr_all": (50, 500, 200, "sgd", 1e-3, "balanced"),
+    }
+    for variant, row in expected.items():
+        settings = train_settings_of(guide, variant)
+        got = (settings.batch_size, settings.epochs, settings.early_stopping_patience,
+               settings.optimizer, settings.lr, settings.sampler)  # fmt: skip
+        assert got == row, variant
+    assert train_settings_of(guide, "gr_all").class_weights == (1.0, 1.7, 1.6)
+    assert train_settings_of(guide, "rh_all") == train_settings_of(guide, "gr_all")
+    network = guide["network"]
+    assert network["densenet"]["block_config"] == [6, 12, 24, 16]  # DenseNet-121
+    assert network["clam"]["hidden_dim"] == 512 and network["guidance"]["hidden_dims"] == [
+        512,
+        256,
+        256,
+    ]
+    assert guide["inferior"]["crop_vox"] == [140, 220, 220]
+    assert guide_paper["splits"]["schemes"][guide["split"]]["n_repeats"] == 5

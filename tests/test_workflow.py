@@ -347,6 +347,9 @@ def test_report_opens_in_a_browser_with_every_table_and_picture(tiny_run, tmp_pa
 PAPER_STAND_INS = {
     "cmus": {"renal": {"synthetic": True}},
     "mhd": {"rptet": {"synthetic": True, "generator": "tet", "tet": {"n_patients": 16}}},
+    "guide": {
+        "radpath": {"synthetic": True, "generator": "radpath", "radpath": {"n_patients": 12}}
+    },
     "csmil": {
         name: {"synthetic": True, "generator": "toy_mil", "toy": toy}
         for name, toy in (

@@ -84,12 +84,16 @@ def cohort_config(cohort):
 
 def cohort_synth_settings(cohort):
     """What `mmdiag synth` needs for a cohort: the synth section for the renal demo cohort;
-    the tet settings for the thymic tumour cohort; the toy settings and the patch size for
-    toy slides (only what changes the files, so that other edits do not remake a cohort).
+    the generator's own settings for the thymic tumour (tet) and RadPath-like (radpath)
+    cohorts; the toy settings and the patch size for toy slides (only what changes the files,
+    so that other edits do not remake a cohort).
     """
     settings = cohort_config(cohort)
-    if settings["generator"] == "tet":
-        return json.dumps({"cohort": {"generator": "tet", "tet": settings["tet"]}})
+    generator = settings["generator"]
+    if generator in ("tet", "radpath"):
+        return json.dumps(
+            {"cohort": {"generator": generator, generator: settings[generator]}}
+        )
     if settings["generator"] == "toy_mil":
         return json.dumps(
             {

@@ -15,7 +15,9 @@ def write_configured_cohort(
 ) -> None:
     """Write the cohort a config describes: CS-MIL's toy slides for ``generator: toy_mil``
     (``cohort["toy"]``), MHD-Net's thymic tumour cohort for ``generator: tet``
-    (``cohort["tet"]``), else the multi-modal renal demo cohort (the ``synth`` section)."""
+    (``cohort["tet"]``), DeepGuide's glioma MR + WSI cohort for ``generator: radpath``
+    (``cohort["radpath"]``), else the multi-modal renal demo cohort (the ``synth``
+    section)."""
     if cohort.get("generator") == "tet":
         from mmdiag.synth.tet import TetSettings, write_tet_cohort
 
@@ -23,6 +25,15 @@ def write_configured_cohort(
         if "ct_shape_vox" in tet:
             tet["ct_shape_vox"] = tuple(tet["ct_shape_vox"])
         write_tet_cohort(out, TetSettings(**tet))
+        return
+    if cohort.get("generator") == "radpath":
+        from mmdiag.synth.radpath import RadPathSettings, write_radpath_cohort
+
+        radpath = dict(cohort.get("radpath") or {})
+        for key in ("mr_shape_vox", "mr_spacing_mm"):
+            if key in radpath:
+                radpath[key] = tuple(radpath[key])
+        write_radpath_cohort(out, RadPathSettings(**radpath))
         return
     if cohort.get("generator") == "toy_mil":
         from mmdiag.synth.toy_mil import write_toy_cohort
