@@ -469,3 +469,36 @@ def test_latent_linear_is_one_linear_layer_on_z():
     expected = z @ model.classifier.weight.T + model.classifier.bias
     torch.testing.assert_close(model({"z": z}), expected)
     torch.testing.assert_close(model(z), expected)
+
+
+def _tiny_densenet(**options):
+    torch.manual_seed(0)
+    return DenseNetVolumeClassifier(
+        2, 3, init_features=4, growth_rate=4, block_config=(1, 1), **options
+    ).eval()
+
+
+def test_densenet_precision_bf16_autocasts_and_returns_float32():
+    volume = torch.randn(2, 2, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    reference = _tiny_densenet(precision="fp32")
+    bf16 = _tiny_densenet(precision="bf16")
+    with torch.no_grad():
+        exact, approximate = reference.encode(volume), bf16.encode(volume)
+        # auto is fp32 on the CPU: bit-identical to fp32
+        torch.testing.assert_close(_tiny_densenet(precision="auto").encode(volume), exact)
+    assert approximate.dtype == torch.float32
+    assert not torch.equal(approximate, exact)  # the encoder did run in bfloat16
+    torch.testing.assert_close(approximate, exact, rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="precision 'half' is not one of"):
+        DenseNetVolumeClassifier(1, 3, precision="half")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_densenet_on_cuda_autocasts_channels_last_and_matches_fp32():
+    volume = torch.randn(2, 2, 16, 16, 16, generator=torch.Generator().manual_seed(1)).cuda()
+    reference = _tiny_densenet(precision="fp32", channels_last=False).cuda()
+    model = _tiny_densenet().cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode(volume), reference.encode(volume), rtol=0.05, atol=0.05
+        )

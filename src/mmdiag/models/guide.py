@@ -247,6 +247,9 @@ def _bags(batch: Mapping[str, torch.Tensor]) -> Iterator[torch.Tensor]:
 
 # --------------------------------------------------------------------------- C_I: 3D DenseNet
 
+#: ``precision`` of :class:`DenseNetVolumeClassifier`: bf16 autocast on a GPU, always, never.
+PRECISIONS = ("auto", "bf16", "fp32")
+
 
 @contextmanager
 def _batchnorm_statistics_kept(module: nn.Module) -> Iterator[None]:
@@ -281,6 +284,9 @@ class DenseNetVolumeClassifier(nn.Module):
     DenseNet-121 on 155 × 240 × 240 volumes; ``checkpointing=True`` runs each dense block
     under activation checkpointing in training (its activations are recomputed in the backward
     pass instead of kept), with the same outputs, gradients and batch-norm statistics.
+    ``precision`` ``auto`` runs E_I under bfloat16 autocast on a GPU (``bf16`` everywhere,
+    ``fp32`` never); latents and logits are float32 either way. ``channels_last`` keeps the
+    volumes channels-last-3d on a GPU (cuDNN's faster layout for 3D convolutions in bf16).
 
     Batches: ``volume`` (B, C, D, H, W) and ``label`` (B,). In evaluation mode batch norm uses
     its running statistics, so a volume gets the same logits (and z_I) alone or in any batch.
@@ -299,8 +305,12 @@ class DenseNetVolumeClassifier(nn.Module):
         block_config: Sequence[int] = (6, 12, 24, 16),
         dropout: float = 0.0,
         checkpointing: bool = False,
+        precision: str = "auto",
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
         from monai.networks.nets import DenseNet  # heavy import, deferred to construction
 
         net = DenseNet(
@@ -317,6 +327,12 @@ class DenseNetVolumeClassifier(nn.Module):
         self.classifier = net.class_layers.out  # D_I
         self.num_classes = n_classes
         self.checkpointing = checkpointing
+        self.precision, self.channels_last = precision, channels_last
+
+    def _autocast(self, device: torch.device):
+        """bfloat16 autocast of E_I where ``precision`` asks for it on ``device``."""
+        enabled = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
     @property
     def latent_dim(self) -> int:
@@ -324,7 +340,13 @@ class DenseNetVolumeClassifier(nn.Module):
         return self.classifier.in_features
 
     def encode(self, volume: torch.Tensor) -> torch.Tensor:
-        """E_I: z_I (B, latent_dim) of volumes (B, C, D, H, W) (eq. 3)."""
+        """E_I: z_I (B, latent_dim) float32 of volumes (B, C, D, H, W) (eq. 3)."""
+        if self.channels_last and volume.device.type == "cuda":
+            volume = volume.contiguous(memory_format=torch.channels_last_3d)
+        with self._autocast(volume.device):
+            return self._encode(volume).float()
+
+    def _encode(self, volume: torch.Tensor) -> torch.Tensor:
         x = volume
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for name, layer in self.features.named_children():
