@@ -108,7 +108,10 @@ def test_a_target_of_an_unknown_cohort_names_the_configured_ones(tmp_path):
     result = _run([str(BIN / "snakemake"), "-n", "results/realx/manifest.tsv"], tmp_path)
     assert result.returncode != 0
     assert "unknown cohort 'realx' in a target" in result.stdout + result.stderr
-    assert "configured cohorts: ['demo', 'tet_demo', 'toy_macro'" in result.stdout + result.stderr
+    assert (
+        "configured cohorts: ['demo', 'radpath_demo', 'tet_demo', 'toy_macro'"
+        in result.stdout + result.stderr
+    )
 
 
 def test_a_predefined_split_table_is_an_input_of_the_splits_rule(tmp_path):
