@@ -5,6 +5,7 @@ help, the image kinds on real NIfTI volumes and feature stores, and the leakage 
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, save_file, save_model
 
 from mmdiag.cli_support import default_config_files
 from mmdiag.config import load_config, validate_config
-from mmdiag.data.manifest import MANIFEST_COLUMNS, write_manifest
+from mmdiag.data.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from mmdiag.data.splits import make_splits, write_splits
 from mmdiag.features.store import write_feature_store
 from mmdiag.io import read_tsv, write_tsv
@@ -93,9 +94,7 @@ def test_config_problems_name_the_key(change, message):
     config = _config()
     change(config["methods"]["guide"]["variants"])
     problems = list(config_problems("guide", config["methods"]["guide"], config))
-    assert any(message in p or pd.Series([p]).str.contains(message).any() for p in problems), (
-        problems
-    )
+    assert any(re.search(message, p) for p in problems), problems
     with pytest.raises(ValueError, match="guide"):
         validate_config(config)
 
@@ -203,7 +202,7 @@ def _toy_cohort(tmp_path: Path, n_patients: int = 240, seed: int = 0):
     manifest = tmp_path / "manifest.tsv"
     write_manifest(_manifest_frame(patients), manifest)
     scheme = {"type": "repeated", "n_repeats": 1, "fractions": [0.75, 0.125, 0.125]}
-    splits = make_splits(_read(manifest), "toy", scheme | {"label": "disease"}, seed=seed)
+    splits = make_splits(read_manifest(manifest), "toy", scheme | {"label": "disease"}, seed=seed)
     write_splits(splits, tmp_path / "splits.json")
     z_inferior, z_superior = guidance_toy_latents(labels, seed=seed)
     ids = list(patients)
@@ -223,18 +222,6 @@ def _toy_cohort(tmp_path: Path, n_patients: int = 240, seed: int = 0):
     return manifest, tmp_path / "splits.json", results
 
 
-def _read(path):
-    from mmdiag.data.manifest import read_manifest
-
-    return read_manifest(path)
-
-
-def _toy_settings() -> dict:
-    settings = _method()
-    # the toy's latents: 8-d z_I, 6-d z_S; G is the demo's [32, 16, 16]
-    return settings
-
-
 def _run(variant, manifest, splits, results, settings, fold=0):
     out = results / variant / f"fold_{fold}"
     inputs = FoldInputs(
@@ -252,7 +239,7 @@ def _run(variant, manifest, splits, results, settings, fold=0):
 def toy(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("guide_toy")
     manifest, splits, results = _toy_cohort(tmp_path)
-    settings = _toy_settings()
+    settings = _method()  # the demo G ([32, 16, 16]) on the toy's 8-d z_I and 6-d z_S
     metrics = {
         v: _run(v, manifest, splits, results, settings) for v in ("g_all", "gr_all", "rh_all")
     }
@@ -289,7 +276,6 @@ def test_the_guided_classifier_keeps_the_guidance_variant_s_g_frozen(toy):
 def test_test_labels_never_reach_the_latent_kinds(toy, tmp_path):
     """Permuting the test patients' labels in the manifest changes y_true only: every
     probability and prediction of G(R) + R is the same (training and validation unchanged)."""
-    from mmdiag.data.manifest import read_manifest
     from mmdiag.data.splits import load_fold
 
     fold = load_fold(toy["splits"], 0)

@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from mmdiag.data.manifest import read_manifest
 from mmdiag.features.store import feature_store_paths, open_feature_store
 from mmdiag.io import read_tsv
 from mmdiag.volumes import read_volume
@@ -243,7 +242,3 @@ def latent_collate(named_sizes: Sequence[tuple[str, int]]):
         return batch
 
     return collate
-
-
-def load_manifest(path: Path) -> pd.DataFrame:
-    return read_manifest(path)

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from mmdiag.data.manifest import read_manifest
 from mmdiag.data.splits import load_fold, training_seed
 from mmdiag.methods.guide import data
 from mmdiag.methods.guide.settings import (
@@ -98,7 +99,7 @@ def run_guide_fold(
     started = time.perf_counter()
     kind = kind_of(method_settings, variant)
     split = load_fold(inputs.splits, fold)
-    manifest = data.load_manifest(inputs.manifest)
+    manifest = read_manifest(inputs.manifest)
     labels = data.fold_labels(manifest, split, classes, inputs.manifest)
     settings = train_settings_of(method_settings, variant)
     settings = replace(settings, seed=training_seed(split, settings.seed))
