@@ -28,6 +28,7 @@ DEMO = [
     ROOT / "config/methods/cmus.yaml",
     ROOT / "config/methods/csmil.yaml",
     ROOT / "config/methods/guide.yaml",
+    ROOT / "config/methods/ksfusion.yaml",
     ROOT / "config/methods/mhd.yaml",
 ]
 PAPER = ROOT / "config/paper"
@@ -530,3 +531,59 @@ def test_guide_paper_recipes_are_the_supplements_table1(guide_paper):
     ]
     assert guide["inferior"]["crop_vox"] == [140, 220, 220]
     assert guide_paper["splits"]["schemes"][guide["split"]]["n_repeats"] == 5
+
+
+# --------------------------------------------------------------------------- subspace fusion
+
+#: The rows of the subspace-fusion paper's Tables 1 and 2, as printed.
+KSFUSION_TABLE1 = ["AttMIL", "TransMIL", "SNN", "Concat", "Add", "Bilinear", "MCAT", "CMTA", "Ours"]
+KSFUSION_TABLE2 = ["w/o Ge-Con", "w/o CG-Coord", "Ours"]
+#: Their columns: five metrics for diagnosis and grading, the C-index for survival.
+KSFUSION_COLUMNS = [
+    f"{task}/{metric}"
+    for task in ("diagnosis", "grading")
+    for metric in ("AUC", "ACC", "REC", "SPE", "F1")
+] + ["survival/C-index"]
+
+
+@pytest.fixture(scope="module")
+def ksfusion_paper():
+    return load_config([*DEMO, PAPER / "ksfusion.yaml"])
+
+
+@pytest.mark.parametrize("source", ["paper", "demo"])
+def test_ksfusion_tables_hold_every_row_and_column_of_tables_1_and_2(source, ksfusion_paper):
+    config = ksfusion_paper if source == "paper" else load_config(DEMO)
+    settings = config["methods"]["ksfusion"]
+    for name, printed in (("table1", KSFUSION_TABLE1), ("table2", KSFUSION_TABLE2)):
+        table = settings["tables"][name]
+        assert [table["labels"][row] for row in table["rows"]] == printed
+        assert table["metrics"] == KSFUSION_COLUMNS
+    variants = settings["variants"]
+    assert variants["wo_gecon"]["options"] == {"use_gecon": False}
+    assert variants["wo_cgcoord"]["cg_coord"] is False and variants["ours"]["cg_coord"] is None
+
+
+def test_ksfusion_paper_settings_are_section_3_1_and_the_code(ksfusion_paper):
+    from mmdiag.methods.ksfusion.settings import train_settings_of
+
+    settings = ksfusion_paper["methods"]["ksfusion"]
+    diagnosis = train_settings_of(settings, "ours", "diagnosis")
+    survival = train_settings_of(settings, "ours", "survival")
+    assert (diagnosis.epochs, survival.epochs) == (20, 10)
+    for chosen in (diagnosis, survival):
+        assert (chosen.batch_size, chosen.optimizer, chosen.lr) == (8, "adam", 1e-3)
+        assert (chosen.weight_decay, chosen.scheduler) == (0.1, "cosine")
+    assert diagnosis.class_weights == (1.0, 4.15, 2.93, 2.43)
+    assert train_settings_of(settings, "snn", "grading").class_weights == (1.47, 1.51, 1.0)
+    network = settings["network"]["ksfusion"]
+    assert (network["heads"], network["head_dim"], network["offset_groups"]) == (8, 64, 8)
+    assert network["gene_hidden"] == [64, 48, 32] and network["gene_dim"] == 128
+    assert settings["slides"] == {"scale": None, "n_patches": 2500, "grid_cells": [50, 50]}
+    assert settings["genes"]["top_variable_fraction"] == 0.3
+    scheme = ksfusion_paper["splits"]["schemes"][settings["split"]]
+    assert scheme["type"] == "holdout" and scheme["n_seeds"] == 3
+    alphas = [
+        settings["variants"][v]["options"].get("alpha", 0.5) for v in settings["figures"]["alpha"]
+    ]
+    assert alphas == [0.0, 0.25, 0.5, 0.75, 1.0]

@@ -258,6 +258,28 @@ def test_without_restoring_the_last_epoch_stays_and_accuracy_can_be_monitored():
     assert torch.equal(model.fc.weight, model.snapshots[2]["fc.weight"])
 
 
+def test_a_validation_callback_replaces_the_loss_and_selects_the_epoch():
+    scores = [0.2, 0.9, 0.4, 0.5]  # the caller's own validation value peaks at epoch 2
+    seen = []
+
+    def validate(model, samples):
+        seen.append((model.training, torch.is_grad_enabled(), len(samples)))
+        model(collate(samples))  # records the weights this epoch ended with
+        return {"val_score": scores[model.epoch - 1]}
+
+    model = Scripted([1.0] * 4)
+    chosen = settings(epochs=4, restore_best=True, monitor="val_score", monitor_mode="max")
+    history = train_model(
+        model, make_samples(LABELS), collate, chosen, val_samples=VAL, validate=validate
+    )
+    assert [row["val_score"] for row in history] == scores
+    assert "val_loss" not in history[0] and "val_acc" not in history[0]
+    assert [row["best"] for row in history] == [True, True, False, False]
+    assert seen == [(False, False, len(VAL))] * 4
+    assert torch.equal(model.fc.weight, model.snapshots[2]["fc.weight"])
+    assert not torch.equal(model.fc.weight, model.snapshots[4]["fc.weight"])
+
+
 # class balance ----------------------------------------------------------------------------
 
 

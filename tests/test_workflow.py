@@ -109,7 +109,7 @@ def test_a_target_of_an_unknown_cohort_names_the_configured_ones(tmp_path):
     assert result.returncode != 0
     assert "unknown cohort 'realx' in a target" in result.stdout + result.stderr
     assert (
-        "configured cohorts: ['demo', 'radpath_demo', 'tet_demo', 'toy_macro'"
+        "configured cohorts: ['demo', 'glioma_demo', 'radpath_demo', 'tet_demo', 'toy_macro'"
         in result.stdout + result.stderr
     )
 
@@ -352,6 +352,9 @@ PAPER_STAND_INS = {
     "mhd": {"rptet": {"synthetic": True, "generator": "tet", "tet": {"n_patients": 16}}},
     "guide": {
         "radpath": {"synthetic": True, "generator": "radpath", "radpath": {"n_patients": 12}}
+    },
+    "ksfusion": {
+        "gbmlgg": {"synthetic": True, "generator": "glioma", "glioma": {"n_patients": 12}}
     },
     "csmil": {
         name: {"synthetic": True, "generator": "toy_mil", "toy": toy}

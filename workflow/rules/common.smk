@@ -84,13 +84,13 @@ def cohort_config(cohort):
 
 def cohort_synth_settings(cohort):
     """What `mmdiag synth` needs for a cohort: the synth section for the renal demo cohort;
-    the generator's own settings for the thymic tumour (tet) and RadPath-like (radpath)
-    cohorts; the toy settings and the patch size for toy slides (only what changes the files,
+    the generator's own settings for the thymic tumour (tet), RadPath-like (radpath) and
+    glioma (glioma) cohorts; the toy settings and the patch size for toy slides (only what changes the files,
     so that other edits do not remake a cohort).
     """
     settings = cohort_config(cohort)
     generator = settings["generator"]
-    if generator in ("tet", "radpath"):
+    if generator in ("tet", "radpath", "glioma"):
         return json.dumps(
             {"cohort": {"generator": generator, generator: settings[generator]}}
         )

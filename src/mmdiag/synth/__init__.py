@@ -16,7 +16,8 @@ def write_configured_cohort(
     """Write the cohort a config describes: CS-MIL's toy slides for ``generator: toy_mil``
     (``cohort["toy"]``), MHD-Net's thymic tumour cohort for ``generator: tet``
     (``cohort["tet"]``), DeepGuide's glioma MR + WSI cohort for ``generator: radpath``
-    (``cohort["radpath"]``), else the multi-modal renal demo cohort (the ``synth``
+    (``cohort["radpath"]``), subspace fusion's glioma WSI + genes cohort for ``generator:
+    glioma`` (``cohort["glioma"]``), else the multi-modal renal demo cohort (the ``synth``
     section)."""
     if cohort.get("generator") == "tet":
         from mmdiag.synth.tet import TetSettings, write_tet_cohort
@@ -34,6 +35,11 @@ def write_configured_cohort(
             if key in radpath:
                 radpath[key] = tuple(radpath[key])
         write_radpath_cohort(out, RadPathSettings(**radpath))
+        return
+    if cohort.get("generator") == "glioma":
+        from mmdiag.synth.glioma import GliomaSettings, write_glioma_cohort
+
+        write_glioma_cohort(out, GliomaSettings(**dict(cohort.get("glioma") or {})))
         return
     if cohort.get("generator") == "toy_mil":
         from mmdiag.synth.toy_mil import write_toy_cohort

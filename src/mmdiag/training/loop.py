@@ -93,6 +93,8 @@ SEED_RANGE = 2**62  # per-sample seeds are drawn from [0, SEED_RANGE)
 
 # before_step(model, batch, terms): after the backward pass, before the optimiser's step
 BeforeStep = Callable[[nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]], None]
+# validate(model, val_samples) -> the epoch's validation values ({"val_cindex": ...})
+Validate = Callable[[nn.Module, Sequence], Mapping[str, float]]
 
 
 OPTIMIZERS = ("adam", "sgd")
@@ -376,6 +378,7 @@ def train_model(
     description: str = "training",
     context: DistContext | None = None,
     before_step: BeforeStep | None = None,
+    validate: Validate | None = None,
     resume_dir: Path | None = None,
     resume_key: Mapping | None = None,
 ) -> list[dict[str, float]]:
@@ -388,6 +391,9 @@ def train_model(
     process's batch and the loss terms the model's ``loss`` returned (see the module
     docstring). With model selection on, each row records whether its epoch was the best
     (``best``); training stops once ``early_stopping_patience`` epochs bring no improvement.
+    ``validate(model, val_samples)`` replaces the validation loss and accuracy with values of
+    the caller's own (e.g. a survival model's validation C-index, ``val_cindex``); it runs on
+    every process with the unwrapped model in evaluation mode, without gradients.
 
     With ``resume_dir`` the state is saved there after every epoch, and a saved state of the
     same run is resumed (see :mod:`.resume`); the run is identified by the settings, the
@@ -405,6 +411,7 @@ def train_model(
     context = context or single_process(resolve_device(settings.device))
     _check_batches_fit(len(train_samples), settings.batch_size, context)
     run = _prepare_run(model, train_samples, collate, settings, context, before_step)
+    run.validate = validate
     scheduler = _make_scheduler(run.optimiser, settings)
     selection = _Selection(settings)
     run_key = {"n_val": len(val_samples), "key": resume_key}
@@ -496,6 +503,7 @@ class _Run:
     dropout_generator: torch.Generator  # the masks of GlobalBatchDropout
     context: DistContext
     before_step: BeforeStep | None
+    validate: Validate | None = None
 
 
 def _prepare_run(model, samples, collate, settings, context, before_step) -> _Run:
@@ -586,7 +594,11 @@ def _epoch_row(run: _Run, epoch: int, val_samples: Sequence, selection: _Selecti
     if set_epoch is not None:
         set_epoch(epoch)
     row = {"epoch": epoch, "lr": run.optimiser.param_groups[0]["lr"], **_train_one_epoch(run)}
-    if val_samples:
+    if val_samples and run.validate is not None:
+        unwrap(run.model).eval()
+        with torch.no_grad():
+            row |= dict(run.validate(unwrap(run.model), val_samples))
+    elif val_samples:
         row |= _validation_row(run.model, val_samples, run.collate, run.settings, run.context)
     if run.settings.selects_model:
         row["best"] = selection.update(row, run.model)
