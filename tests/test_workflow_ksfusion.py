@@ -12,7 +12,7 @@ import yaml
 from tests.test_workflow import copy_workflow, run_tiny_dag
 
 TINY = {
-    "cohorts": {"glioma_demo": {"glioma": {"n_patients": 16, "slide_px": 768}}},
+    "cohorts": {"glioma_demo": {"glioma": {"n_patients": 24, "slide_px": 768}}},
     "patching": {"workers": 1},
     "splits": {"schemes": {"ksfusion_holdout": {"n_seeds": 2}}},
 }

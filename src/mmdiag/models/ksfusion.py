@@ -542,7 +542,8 @@ class GradientCoordination:
         self.steps = self.skipped = self.projected_steps = self.projected_rows = 0
 
     def counts(self) -> dict[str, int]:
-        """The counters, for the fold's log and config."""
+        """The counters, for the fold's log and config (of this process's run: a resumed run
+        counts from the epoch it resumed at)."""
         return {
             "steps": self.steps,
             "skipped": self.skipped,

@@ -107,7 +107,8 @@ def run_ksfusion_fold(
     state_dir = state_dir_beside(out_dir)
     named = _named(inputs)
     models, frames, metrics, history, coordinated = {}, {}, {}, [], {}
-    for task in fold_tasks(manifest, split, base, method_settings, manifest_rules):
+    tasks = fold_tasks(manifest, split, base, method_settings, manifest_rules)
+    for task in tasks:
         settings = train_settings_of(method_settings, variant, task.name)
         settings = replace(settings, seed=training_seed(split, settings.seed))
         torch.manual_seed(settings.seed)
@@ -143,6 +144,7 @@ def run_ksfusion_fold(
         n_cases={part: len(base[part]) for part in data.PARTS},
         unit="tissue sample",
         outcomes=dict(method_settings["outcomes"]),
+        task_classes={task.name: task.classes for task in tasks},
         genes={"n": len(space.genes), **{k: len(v) for k, v in space.subspaces.items()}},
         cg_coord=coordinated or None,
     )
