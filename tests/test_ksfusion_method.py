@@ -199,3 +199,42 @@ def test_only_the_proposed_model_coordinates_gradients():
     assert uses_cg_coord(_method(), "ours")
     assert not uses_cg_coord(_method(cg_coord=False), "ours")
     assert not uses_cg_coord(_method(), "snn")
+
+
+# ------------------------------------------------------------------------- feature stores
+
+
+def _store(folder, image_id, n=3, scales=("20x", "10x")):
+    from mmdiag.features.store import write_feature_store
+
+    features = np.arange(n * len(scales) * 2, dtype=np.float32).reshape(n, len(scales), 2)
+    write_feature_store(
+        folder / f"{image_id}.zarr",
+        features,
+        patch_id=np.arange(n),
+        centre_xy=np.stack([np.arange(n) * 256, np.zeros(n)], axis=1),
+        attrs={"image_id": image_id, "scales": list(scales)},
+    )
+    return features
+
+
+def test_slide_features_are_read_per_sample_at_the_chosen_scale(tmp_path):
+    samples = _samples()
+    stores = tmp_path / "stores"
+    written = {i: _store(stores, i) for i in ("wsi/P1-1", "wsi/P1-2", "wsi/P2-1")}
+    features = data.slide_features(samples, stores, "10x", "manifest.tsv")
+    assert sorted(features) == ["P1-1", "P1-2", "P2-1"]
+    assert np.array_equal(features["P1-2"][0], written["wsi/P1-2"][:, 1])
+    assert features["P1-1"][1][:, 0].tolist() == [0, 256, 512]
+    with pytest.raises(ValueError, match="no scale '5x'"):
+        data.slide_features(samples, stores, "5x", "manifest.tsv")
+    _store(stores, "wsi/P9-1")  # a slide the manifest does not hold
+    with pytest.raises(ValueError, match=r"P9-1.*is not a slide of manifest.tsv"):
+        data.slide_features(samples, stores, None, "manifest.tsv")
+
+
+def test_a_slide_without_features_is_named(tmp_path):
+    stores = tmp_path / "stores"
+    _store(stores, "wsi/P1-1")
+    with pytest.raises(ValueError, match=r"no patch features for 2 slides .*P1-2"):
+        data.slide_features(_samples(), stores, None, "manifest.tsv")

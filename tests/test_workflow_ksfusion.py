@@ -14,7 +14,7 @@ from tests.test_workflow import copy_workflow, run_tiny_dag
 TINY = {
     "cohorts": {"glioma_demo": {"glioma": {"n_patients": 24, "slide_px": 768}}},
     "patching": {"workers": 1},
-    "splits": {"schemes": {"ksfusion_holdout": {"n_seeds": 2}}},
+    "splits": {"schemes": {"ksfusion_holdout": {"n_seeds": 2, "fractions": [0.6, 0.2, 0.2]}}},
 }
 VARIANTS = ["attmil", "snn", "bilinear", "mcat", "cmta", "ours", "wo_cgcoord", "alpha_0"]
 TARGETS = ["results/ksfusion/tables", "results/ksfusion/figures", "results/ksfusion/stats.tsv"]

@@ -17,6 +17,13 @@ def stream_rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
     return np.random.default_rng([int(seed), stream, index])
 
 
+def balanced_labels(labels, n: int, rng: np.random.Generator) -> list:
+    """``n`` labels round-robin over ``labels`` (counts differ by at most one), shuffled by
+    ``rng`` so that the order of the patients does not reveal their label."""
+    cycled = [labels[i % len(labels)] for i in range(n)]
+    return [cycled[i] for i in rng.permutation(n)]
+
+
 def smooth_noise(rng: np.random.Generator, height_px: int, width_px: int, cell_px: float):
     """Return smooth unit-variance noise of shape ``(height_px, width_px)``.
 

@@ -85,7 +85,15 @@ from mmdiag.data.tasks import Task
 from mmdiag.genes import write_gmt
 from mmdiag.io.atomic import atomic_path, write_json, write_tsv
 from mmdiag.synth import wsi
-from mmdiag.synth._draw import blend, impulse_blobs, smooth_noise, soft_step, stream_rng, to_uint8
+from mmdiag.synth._draw import (
+    balanced_labels,
+    blend,
+    impulse_blobs,
+    smooth_noise,
+    soft_step,
+    stream_rng,
+    to_uint8,
+)
 from mmdiag.synth.tables import gene_names
 
 __all__ = [
@@ -283,9 +291,7 @@ def plan_classes(settings: GliomaSettings) -> list[str]:
     Counts per class differ by at most one; the shuffle keeps the patient order from
     revealing the class.
     """
-    classes = [CLASSES[i % len(CLASSES)] for i in range(settings.n_patients)]
-    order = stream_rng(settings.seed, _ASSIGNMENT).permutation(settings.n_patients)
-    return [classes[i] for i in order]
+    return balanced_labels(CLASSES, settings.n_patients, stream_rng(settings.seed, _ASSIGNMENT))
 
 
 def _grade(tumour: float) -> str:

@@ -60,7 +60,15 @@ from mmdiag.data.manifest import ManifestRules
 from mmdiag.data.tasks import Task
 from mmdiag.io.atomic import atomic_path, write_json, write_tsv
 from mmdiag.synth import volumes, wsi
-from mmdiag.synth._draw import blend, impulse_blobs, smooth_noise, soft_step, stream_rng, to_uint8
+from mmdiag.synth._draw import (
+    balanced_labels,
+    blend,
+    impulse_blobs,
+    smooth_noise,
+    soft_step,
+    stream_rng,
+    to_uint8,
+)
 
 __all__ = [
     "DISEASES",
@@ -149,9 +157,7 @@ def plan_types(settings: TetSettings) -> list[str]:
     Counts per type differ by at most one; the shuffle keeps the patient order from
     revealing the type.
     """
-    types = [WHO_TYPES[i % len(WHO_TYPES)] for i in range(settings.n_patients)]
-    order = stream_rng(settings.seed, _ASSIGNMENT).permutation(settings.n_patients)
-    return [types[i] for i in order]
+    return balanced_labels(WHO_TYPES, settings.n_patients, stream_rng(settings.seed, _ASSIGNMENT))
 
 
 def disease_of(who_type: str) -> str:

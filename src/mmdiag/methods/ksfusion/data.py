@@ -167,7 +167,10 @@ def slide_features(
     for path in feature_store_paths([stores_dir]):
         store = open_feature_store(path)
         if store.image_id not in by_image.index:
-            continue  # a slide of another task's cohort rows (e.g. not a WSI sample)
+            raise ValueError(
+                f"feature store {path}: image_id {store.image_id!r} is not a slide of "
+                f"{manifest_path}"
+            )
         if scale is not None and scale not in store.scales:
             raise ValueError(f"feature store {path}: no scale {scale!r}; it has {store.scales}")
         index = 0 if scale is None else store.scales.index(scale)
