@@ -4,6 +4,8 @@ survival bins and bin probabilities, the settings' recipes and checks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -238,3 +240,33 @@ def test_a_slide_without_features_is_named(tmp_path):
     _store(stores, "wsi/P1-1")
     with pytest.raises(ValueError, match=r"no patch features for 2 slides .*P1-2"):
         data.slide_features(_samples(), stores, None, "manifest.tsv")
+
+
+# ------------------------------------------------------------------------- config checks
+
+_CONFIGS = Path(__file__).resolve().parents[1] / "config"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"outcomes": {"diagnosis": "who"}}, r"outcomes.diagnosis: 'who' is not a task"),
+        ({"variants": {"snn": {"model": "snn", "cg_coord": False}}}, "only the ksfusion model"),
+        (
+            {"train": {"grading": {"class_weights": [1.0, 2.0]}}},
+            "2 class weights for task 'grading'",
+        ),
+        ({"figures": {"roc": ["nope"]}}, "'nope' is not a variant"),
+        ({"network": {"ksfuson": {}}}, "'ksfuson' is not allowed"),
+    ],
+)
+def test_config_mistakes_are_named(tmp_path, override, message):
+    import yaml
+
+    from mmdiag.config import ConfigError, load_config
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"methods": {"ksfusion": override}}))
+    files = [_CONFIGS / "config.yaml", *sorted((_CONFIGS / "methods").glob("*.yaml")), extra]
+    with pytest.raises(ConfigError, match=message):
+        load_config(files)
