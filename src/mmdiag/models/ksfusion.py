@@ -57,7 +57,6 @@ Choices made where the paper leaves them open, and departures from the authors' 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -70,7 +69,12 @@ from torch.nn import functional as F
 from mmdiag.models.genomic import SNNEncoder, check_task, task_loss
 from mmdiag.models.registry import register_model
 from mmdiag.stats import concordance_index
-from mmdiag.training.distributed import DistContext, all_gather_with_grad, gather_rows, unwrap
+from mmdiag.training.distributed import (
+    all_gather_with_grad,
+    current_context,
+    gather_rows,
+    unwrap,
+)
 from mmdiag.training.survival import risk_from_hazards
 
 __all__ = [
@@ -93,14 +97,6 @@ SUBSPACES = ("tumour", "microenvironment")
 
 # (B, M, L, d) queries, (B, M, P, d) keys and values -> (B, M, L, d)
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _process_group(device: torch.device) -> DistContext | None:
-    """This process's place in an initialised process group, or ``None`` for one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
 # --------------------------------------------------------------------------- deformable sampling
@@ -405,7 +401,7 @@ class KSFusion(nn.Module):
         streams = self.forward_features(batch)
         fused = self.dropout(torch.cat([streams[u]["z"] for u in SUBSPACES], dim=1))
         gecon = {}
-        context = _process_group(fused.device)
+        context = current_context(fused.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.use_gecon):
             for subspace in SUBSPACES:
                 genes, points = streams[subspace]["gene_embedding"], streams[subspace]["points"]
@@ -493,7 +489,7 @@ def branch_confidences(
     the values are those of the global batch on every process.
     """
     tumour, micro = branch_logits["tumour"].detach(), branch_logits["microenvironment"].detach()
-    context = _process_group(tumour.device)
+    context = current_context(tumour.device)
     if check_task(task) == "classification":
         label = batch["label"].unsqueeze(1)
         sums = torch.stack(

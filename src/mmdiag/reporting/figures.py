@@ -93,6 +93,19 @@ def _check_predictions(predictions: object) -> tuple[pd.DataFrame, list[str]]:
     return frame, classes
 
 
+def variant_predictions(
+    results_dir: str | Path, variant: str, name: str = "predictions.tsv"
+) -> pd.DataFrame:
+    """A variant's rows of ``name`` (``predictions.tsv``) over all of its folds;
+    ``FileNotFoundError`` naming the folder when no fold has it."""
+    from mmdiag.io import read_tsv
+
+    paths = sorted(Path(results_dir, variant).glob(f"fold_*/{name}"))
+    if not paths:
+        raise FileNotFoundError(f"{results_dir}/{variant}: no fold has {name}")
+    return pd.concat([read_tsv(p) for p in paths], ignore_index=True)
+
+
 def _save(fig: plt.Figure, path: str | Path) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically and close it."""
     try:

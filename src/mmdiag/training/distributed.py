@@ -71,6 +71,16 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=chosen)
 
 
+def current_context(device: torch.device) -> DistContext | None:
+    """This process's place in an initialised process group of several processes, else
+    ``None``: for model code (a global-batch term, a gradient hook) that gathers or reduces
+    only when it runs under data parallelism."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
 def shutdown(context: DistContext) -> None:
     """Leave the process group (safe to call for a single process)."""
     if context.is_distributed and dist.is_initialized():

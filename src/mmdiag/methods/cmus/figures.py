@@ -17,7 +17,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from safetensors.torch import load_model
 
@@ -95,7 +94,7 @@ def write_cmus_figures(
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     fold_all = read_tsv(results_dir / "fold_all.tsv")
     reference = method_settings["reference"]
-    predictions = _variant_predictions(results_dir, reference)
+    predictions = figures.variant_predictions(results_dir, reference)
     written = [
         figures.plot_roc_per_class(
             predictions, out_dir / f"roc_{reference}.png", title=f"{method}: {reference}"
@@ -137,13 +136,6 @@ def write_cmus_figures(
         out_dir,
     )
     return written
-
-
-def _variant_predictions(results_dir: Path, variant: str) -> pd.DataFrame:
-    files = sorted((results_dir / variant).glob("fold_*/predictions.tsv"))
-    if not files:
-        raise ValueError(f"no predictions.tsv under {results_dir / variant}")
-    return pd.concat([read_tsv(f) for f in files], ignore_index=True)
 
 
 def _model_figures(

@@ -43,7 +43,7 @@ def write_guide_figures(
     for variant in spec["confusion"]:
         written.append(
             figures.plot_confusion(
-                variant_predictions(results_dir, variant),
+                figures.variant_predictions(results_dir, variant),
                 out_dir / f"confusion_{variant}.png",
                 title=labels.get(variant, variant),
                 unit="test patients over the splits",
@@ -103,11 +103,3 @@ def _labels(method_settings: Mapping) -> dict[str, str]:
     for table in method_settings.get("tables", {}).values():
         labels |= table.get("labels", {})
     return labels
-
-
-def variant_predictions(results_dir: Path, variant: str) -> pd.DataFrame:
-    """A variant's ``predictions.tsv`` rows over all of its splits."""
-    paths = sorted(Path(results_dir, variant).glob("fold_*/predictions.tsv"))
-    if not paths:
-        raise FileNotFoundError(f"{results_dir}/{variant}: no split has predictions.tsv")
-    return pd.concat([read_tsv(p) for p in paths], ignore_index=True)

@@ -92,10 +92,7 @@ def alpha_table(
 def task_predictions(results_dir: Path, variant: str, task: str) -> pd.DataFrame:
     """A variant's prediction rows of one task over all of its splits, with that task's
     ``prob_<class>`` columns only."""
-    paths = sorted(Path(results_dir, variant).glob("fold_*/predictions.tsv"))
-    if not paths:
-        raise FileNotFoundError(f"{results_dir}/{variant}: no split has predictions.tsv")
-    frame = pd.concat([read_tsv(p) for p in paths], ignore_index=True)
+    frame = figures.variant_predictions(results_dir, variant)
     rows = frame[frame["task"] == task]
     if rows.empty:
         raise ValueError(f"{results_dir}/{variant}: no predictions of task {task!r}")

@@ -44,6 +44,7 @@ from mmdiag.methods.ksfusion.settings import (
     train_settings_of,
     uses_cg_coord,
 )
+from mmdiag.models.ksfusion import GradientCoordination
 from mmdiag.models.registry import create_model
 from mmdiag.stats import concordance_index
 from mmdiag.training.device import resolve_device
@@ -311,8 +312,6 @@ def build_model(
 def _coordination(method_settings: Mapping, variant: str, kind: str):
     if not uses_cg_coord(method_settings, variant):
         return None
-    from mmdiag.models.ksfusion import GradientCoordination
-
     return GradientCoordination(task=kind)
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import pandas as pd
-
 from mmdiag.io import read_tsv
 from mmdiag.methods.mhd.settings import build_model, type_classes
 from mmdiag.reporting import figures
@@ -45,7 +43,7 @@ def write_mhd_figures(
     for variant in spec["confusion"]:
         written.append(
             figures.plot_confusion(
-                variant_predictions(results_dir, variant),
+                figures.variant_predictions(results_dir, variant),
                 out_dir / f"confusion_{variant}.png",
                 title=f"{labels.get(variant, variant)} (Fig. 6)",
                 unit="CT sequences",
@@ -75,18 +73,10 @@ def _labels(method_settings: Mapping) -> dict[str, str]:
     return labels | method_settings["figures"]["labels"]
 
 
-def variant_predictions(results_dir: Path, variant: str, name: str = "predictions.tsv"):
-    """A variant's rows of ``name`` over all of its folds."""
-    paths = sorted(Path(results_dir, variant).glob(f"fold_*/{name}"))
-    if not paths:
-        raise FileNotFoundError(f"{results_dir}/{variant}: no fold has {name}")
-    return pd.concat([read_tsv(p) for p in paths], ignore_index=True)
-
-
 def _roc_figure(results_dir: Path, roc: Mapping, labels: Mapping, out_dir: Path) -> Path:
-    models = {labels.get(v, v): variant_predictions(results_dir, v) for v in roc["rows"]}
+    models = {labels.get(v, v): figures.variant_predictions(results_dir, v) for v in roc["rows"]}
     if roc["branches_of"]:
-        branches = variant_predictions(results_dir, roc["branches_of"], "branches.tsv")
+        branches = figures.variant_predictions(results_dir, roc["branches_of"], "branches.tsv")
         for branch, label in (("radiology", "Rad. branch"), ("pathology", "Pat. branch")):
             rows = branches[branches["branch"] == branch].drop(columns="branch")
             models[f"{label} of {labels.get(roc['branches_of'], roc['branches_of'])}"] = rows
